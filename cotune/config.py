@@ -1,0 +1,219 @@
+"""TrialConfig and TrialResult: the one currency between the search side and the trial side.
+
+A TrialConfig holds every knob's value *after* derivation (``grad_accum_steps``,
+``dp``) plus the fixed workload shape and trial settings. It serialises to JSON; the
+same JSON runs a trial by hand (``cotune trial cfg.json``) and is what export
+translates. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+STATUSES = ("ok", "infeasible", "oom", "timeout", "crash", "diverged")
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    """The model and data a trial trains: fixed for a whole study."""
+
+    model: str = "gpt"  # registry name, or "package.module:function"
+    n_layer: int = 2
+    n_embd: int = 64
+    n_head: int = 4
+    seq_len: int = 64
+    vocab_size: int = 256
+    data: str = "builtin:stdlib-docstrings"  # or a text file, or a nanoGPT uint16 .bin
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    micro_batch_size: int = 8  # sequences per forward/backward on one data-parallel rank
+    global_batch_size: int = 8  # sequences per optimizer step, all ranks together
+    grad_accum_steps: int = 1  # derived: global / (micro * data-parallel degree)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Degrees in torchtitan's naming: world = dp (replicate) * fsdp (shard) * tp * pp."""
+
+    dp: int = 1
+    fsdp: int = 1
+    tp: int = 1
+    pp: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.fsdp * self.tp * self.pp
+
+    @property
+    def data_parallel(self) -> int:
+        """Ranks that see different data (replicated and sharded together)."""
+        return self.dp * self.fsdp
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 always trains with a dynamic loss scaler)
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warm-up then cosine decay to 10% over the token budget."""
+
+    learning_rate: float = 1e-3
+    warmup_fraction: float = 0.05
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    grad_clip: float = 1.0
+
+
+@dataclass(frozen=True)
+class SoftwareConfig:
+    activation_checkpointing: bool = False
+    compile: bool = False
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How a trial runs and measures; fixed for a whole study."""
+
+    device: str = "cpu"  # cpu | cuda
+    warmup_steps: int = 3  # optimizer steps excluded from timing
+    measured_steps: int = 10  # optimizer steps timed for throughput
+    token_budget: int = 131072  # training tokens before the validation loss is taken
+    eval_tokens: int = 16384  # held-out tokens for the validation loss
+    timeout_s: float = 120.0
+    seed: int = 0
+    profile: bool = False  # add a torch.profiler pass after measuring
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    software: SoftwareConfig = field(default_factory=SoftwareConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrialConfig:
+        """Build from ``to_dict`` output; unknown or missing sections and keys are errors."""
+        return _from_dict(cls, data, "config")
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrialConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def flat(self) -> dict[str, Any]:
+        """Every tunable value by its knob name (``learning_rate``, ``dp``, ...), for tables."""
+        out: dict[str, Any] = {}
+        for section in (self.batch, self.parallel, self.precision, self.optimizer, self.software):
+            out.update(dataclasses.asdict(section))
+        return out
+
+
+def _from_dict(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(fields)}")
+    missing = sorted(set(fields) - set(data))
+    if missing:
+        raise ValueError(f"{where}: missing key(s) {missing}")
+    values = {}
+    for name, f in fields.items():
+        sub = _SECTIONS.get(name) if cls is TrialConfig else None
+        values[name] = _from_dict(sub, data[name], f"{where}.{name}") if sub else data[name]
+    return cls(**values)
+
+
+_SECTIONS: dict[str, type] = {
+    "workload": WorkloadConfig,
+    "batch": BatchConfig,
+    "parallel": ParallelConfig,
+    "precision": PrecisionConfig,
+    "optimizer": OptimizerConfig,
+    "software": SoftwareConfig,
+    "run": RunConfig,
+}
+
+
+@dataclass
+class TrialResult:
+    """What one trial produced. A failure is data: ``status`` says which kind.
+
+    ``metrics`` keys (all present for ``ok``): tokens_per_second, val_loss,
+    step_time_mean_s, step_time_std_s, peak_memory_bytes, peak_memory_source,
+    mfu, peak_flops, peak_flops_source, flops_per_token, n_params, train_steps,
+    tokens_trained. ``phase_seconds`` splits the trial's wall time
+    (start_and_import, data, model_build, warmup, measured, rest_and_eval, ...).
+    """
+
+    status: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    loss_curve: list[list[float]] = field(default_factory=list)  # [step, tokens_seen, train_loss]
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    profile_top_ops: list[dict[str, Any]] = field(default_factory=list)
+    trace_path: str | None = None
+    error_tail: str = ""  # last lines of the error, for failures
+    reason: str = ""  # one sentence: why infeasible / diverged / timed out
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _json_safe(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrialResult:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"trial result: unknown key(s) {unknown}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically, so a reader never sees half a result."""
+        path = Path(path)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrialResult:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf become strings ("nan", "inf") so the JSON is strict and Optuna storages accept it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def as_float(value: Any) -> float:
+    """Inverse of the NaN/inf encoding above."""
+    return float(value)

@@ -1,0 +1,285 @@
+"""Search spaces: YAML files validated into a typed :class:`SearchSpace`.
+
+A space names the workload and its fixed shape, how trials run and measure, the
+objectives, the tunable knobs with their domains, the constraints between knobs
+and a baseline config. Unknown keys are errors. ``load_space`` turns every
+problem into a :class:`~cotune.errors.UserError` naming the file and field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cotune import constraints
+from cotune.config import PRECISIONS
+from cotune.errors import UserError
+
+
+@dataclass(frozen=True)
+class Knob:
+    """A tunable value: which TrialConfig section it lands in, its type and its valid range."""
+
+    section: str
+    type: type
+    low: float | None = None  # inclusive bounds of what the knob can mean at all
+    high: float | None = None
+    high_exclusive: bool = False
+    values: tuple[Any, ...] | None = None  # the only valid values (strings)
+
+
+KNOBS: dict[str, Knob] = {
+    "micro_batch_size": Knob("batch", int, low=1),
+    "global_batch_size": Knob("batch", int, low=1),
+    "precision": Knob("precision", str, values=PRECISIONS),
+    "learning_rate": Knob("optimizer", float, low=0, high=10, high_exclusive=False),
+    "warmup_fraction": Knob("optimizer", float, low=0, high=1, high_exclusive=True),
+    "weight_decay": Knob("optimizer", float, low=0, high=10),
+    "adam_beta1": Knob("optimizer", float, low=0, high=1, high_exclusive=True),
+    "adam_beta2": Knob("optimizer", float, low=0, high=1, high_exclusive=True),
+    "grad_clip": Knob("optimizer", float, low=0),
+    "activation_checkpointing": Knob("software", bool),
+    "compile": Knob("software", bool),
+    "fsdp": Knob("parallel", int, low=1),
+    "tp": Knob("parallel", int, low=1),
+    "pp": Knob("parallel", int, low=1),
+}
+# Values computed from the knobs, never sampled; constraints may read them.
+DERIVED = ("dp", "grad_accum_steps", "world_size")
+
+OBJECTIVES: dict[str, tuple[str, str]] = {
+    # name: (metric key in TrialResult.metrics, direction)
+    "tokens_per_second": ("tokens_per_second", "maximize"),
+    "val_loss": ("val_loss", "minimize"),
+    "peak_memory": ("peak_memory_bytes", "minimize"),
+}
+OBJECTIVE_ALIASES = {"throughput": "tokens_per_second", "loss": "val_loss", "memory": "peak_memory"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Domain(_Strict):
+    """Either ``choices: [...]`` or ``low``/``high`` (with ``log``, ``step``)."""
+
+    choices: list[Any] | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> Domain:
+        if self.choices is not None:
+            if self.low is not None or self.high is not None or self.log or self.step is not None:
+                raise ValueError("give either choices or low/high, not both")
+            if not self.choices:
+                raise ValueError("choices is empty; give at least one value")
+            if len(set(map(repr, self.choices))) != len(self.choices):
+                raise ValueError(f"choices has repeated values: {self.choices}")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("give either choices: [...] or both low and high")
+        if self.low > self.high:
+            raise ValueError(f"low must be <= high, but got low={self.low}, high={self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log domain needs low > 0, but got low={self.low}")
+        if self.log and self.step is not None:
+            raise ValueError("log and step cannot be combined")
+        return self
+
+    @property
+    def fixed(self) -> bool:
+        return (self.choices is not None and len(self.choices) == 1) or self.low == self.high
+
+    def values(self) -> list[Any]:
+        """The finite values (choices, or the two ends of a range)."""
+        return list(self.choices) if self.choices is not None else [self.low, self.high]
+
+
+class Constraint(_Strict):
+    expr: str
+    why: str = ""
+
+    @field_validator("expr")
+    @classmethod
+    def _parses(cls, v: str) -> str:
+        constraints.parse(v)
+        return v
+
+
+class HardwareSpec(_Strict):
+    device: Literal["cpu", "cuda"] = "cpu"
+    # Processes (GPUs, or CPU processes) one trial may use; None means all GPUs / 1 on CPU.
+    nproc: int | None = Field(default=None, ge=1)
+
+
+class WorkloadSpec(_Strict):
+    model: str = "gpt"
+    n_layer: int = Field(ge=1)
+    n_embd: int = Field(ge=1)
+    n_head: int = Field(ge=1)
+    seq_len: int = Field(ge=2)
+    vocab_size: int | Literal["auto"] = "auto"  # auto: from the data (256 for bytes)
+    data: str = "builtin:stdlib-docstrings"
+
+    @model_validator(mode="after")
+    def _heads(self) -> WorkloadSpec:
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"n_embd % n_head == 0 must hold, but got n_embd={self.n_embd}, n_head={self.n_head}"
+            )
+        return self
+
+
+class TrialSpec(_Strict):
+    warmup_steps: int = Field(default=3, ge=0)
+    measured_steps: int = Field(default=10, ge=2)
+    token_budget: int = Field(default=131072, ge=1)
+    eval_tokens: int = Field(default=16384, ge=1)
+    timeout_s: float = Field(default=120.0, gt=0)
+
+
+class SearchSpace(_Strict):
+    name: str
+    description: str = ""
+    hardware: HardwareSpec = HardwareSpec()
+    workload: WorkloadSpec
+    trial: TrialSpec = TrialSpec()
+    objectives: list[str] = ["tokens_per_second", "val_loss"]
+    knobs: dict[str, Domain]
+    constraints: list[Constraint] = []
+    baseline: dict[str, Any] = {}
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives(cls, v: list[str]) -> list[str]:
+        v = [OBJECTIVE_ALIASES.get(o, o) for o in v]
+        bad = [o for o in v if o not in OBJECTIVES]
+        if bad:
+            raise ValueError(f"unknown objective {bad[0]!r}; valid: {', '.join(OBJECTIVES)}")
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"objectives must be a non-empty list without repeats, got {v}")
+        return v
+
+    @field_validator("knobs")
+    @classmethod
+    def _knobs(cls, v: dict[str, Domain]) -> dict[str, Domain]:
+        for name, domain in v.items():
+            check_domain(name, domain)
+        return v
+
+    @model_validator(mode="after")
+    def _cross(self) -> SearchSpace:
+        known = set(KNOBS) | set(DERIVED) | set(WorkloadSpec.model_fields)
+        for c in self.constraints:
+            unknown = sorted(constraints.names(c.expr) - known)
+            if unknown:
+                raise ValueError(
+                    f"constraint {c.expr!r} reads unknown name(s) {unknown}; "
+                    f"it may read knobs, {', '.join(DERIVED)} and workload fields"
+                )
+        for name, value in self.baseline.items():
+            if name not in KNOBS:
+                raise ValueError(f"baseline: unknown knob {name!r}; valid: {', '.join(KNOBS)}")
+            check_value(name, value)
+        return self
+
+
+def check_domain(name: str, domain: Domain) -> None:
+    """Raise ``ValueError`` if ``domain`` is not valid for knob ``name``."""
+    if name not in KNOBS:
+        hint = " (dp is derived: world size / (fsdp * tp * pp))" if name == "dp" else ""
+        raise ValueError(f"unknown knob {name!r}{hint}; valid knobs: {', '.join(KNOBS)}")
+    knob = KNOBS[name]
+    if domain.choices is None and knob.type in (str, bool):
+        raise ValueError(f"knob {name!r} takes choices: [...], not a low/high range")
+    if domain.choices is None and knob.type is int and (
+        domain.low != int(domain.low) or domain.high != int(domain.high)
+    ):
+        raise ValueError(f"knob {name!r} is an integer, but got low={domain.low}, high={domain.high}")
+    for value in domain.values():
+        check_value(name, value)
+
+
+def check_value(name: str, value: Any) -> None:
+    knob = KNOBS[name]
+    if knob.type is bool:
+        ok = isinstance(value, bool)
+    elif knob.type is int:
+        ok = isinstance(value, int) and not isinstance(value, bool) or (
+            isinstance(value, float) and value.is_integer()
+        )
+    elif knob.type is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ValueError(f"knob {name!r} takes {knob.type.__name__} values, got {value!r}")
+    if knob.values is not None and value not in knob.values:
+        raise ValueError(f"knob {name!r}: {value!r} is not one of {', '.join(knob.values)}")
+    if knob.low is not None and value < knob.low or (
+        knob.high is not None and (value >= knob.high if knob.high_exclusive else value > knob.high)
+    ):
+        top = "" if knob.high is None else (f" and < {knob.high}" if knob.high_exclusive else f" and <= {knob.high}")
+        raise ValueError(f"knob {name!r}: {value!r} is out of range (must be >= {knob.low}{top})")
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Read and validate a space file; any problem is a ``UserError`` naming file and field."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such search-space file (see `cotune spaces` for the shipped ones)") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the search-space file ({e.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise UserError(f"{path}: not valid YAML{where}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a search space must be a YAML mapping with name, workload and knobs")
+    try:
+        return SearchSpace.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(f"{path}: {_first_error(e)}") from None
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field"
+    elif err["type"] == "missing":
+        msg = "required field is missing"
+    more = f" (and {e.error_count() - 1} more problem(s))" if e.error_count() > 1 else ""
+    return f"{loc}: {msg}{more}" if loc else f"{msg}{more}"
+
+
+def spaces_dir() -> Path:
+    """Where the shipped spaces live: the source checkout's ``search_spaces/``, else the wheel's copy."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "search_spaces", here / "_search_spaces"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"no shipped search spaces next to {here}")
+
+
+def shipped_spaces() -> list[Path]:
+    return sorted(spaces_dir().glob("*.yaml"))
+
+
+def default_space_path(gpu_count: int) -> Path:
+    """The shipped space for the detected hardware: CPU, one GPU, or eight."""
+    name = "cpu-tiny-gpt" if gpu_count == 0 else ("gpu-1-gpt2-small" if gpu_count < 8 else "gpu-8-gpt2-medium")
+    return spaces_dir() / f"{name}.yaml"
