@@ -139,7 +139,7 @@ def _from_dict(cls: type, data: Any, where: str) -> Any:
     if missing:
         raise ValueError(f"{where}: missing key(s) {missing}")
     values = {}
-    for name, f in fields.items():
+    for name in fields:
         sub = _SECTIONS.get(name) if cls is TrialConfig else None
         values[name] = _from_dict(sub, data[name], f"{where}.{name}") if sub else data[name]
     return cls(**values)

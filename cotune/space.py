@@ -95,7 +95,9 @@ class Domain(_Strict):
 
     @property
     def fixed(self) -> bool:
-        return (self.choices is not None and len(self.choices) == 1) or self.low == self.high
+        if self.choices is not None:
+            return len(self.choices) == 1
+        return self.low == self.high
 
     def values(self) -> list[Any]:
         """The finite values (choices, or the two ends of a range)."""
@@ -165,6 +167,16 @@ class SearchSpace(_Strict):
             raise ValueError(f"unknown objective {bad[0]!r}; valid: {', '.join(OBJECTIVES)}")
         if not v or len(set(v)) != len(v):
             raise ValueError(f"objectives must be a non-empty list without repeats, got {v}")
+        return v
+
+    @field_validator("knobs", mode="before")
+    @classmethod
+    def _knob_names(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            for name in v:
+                if name not in KNOBS:
+                    hint = " (dp is derived: world size / (fsdp * tp * pp))" if name == "dp" else ""
+                    raise ValueError(f"unknown knob {name!r}{hint}; valid knobs: {', '.join(KNOBS)}")
         return v
 
     @field_validator("knobs")

@@ -1,0 +1,323 @@
+"""The ``cotune`` command line: a thin layer over space, search, runner and study.
+
+A user's mistake is a ``UserError``: one sentence on stderr, exit code 2, nothing
+written to the study. Everything heavy is imported inside the command that needs it,
+so ``cotune --help`` starts fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+from enum import Enum
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from cotune.errors import UserError
+
+app = typer.Typer(
+    help="Tune LLM training jointly across hardware, software and algorithm, with real measured runs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+class Sampler(str, Enum):
+    tpe = "tpe"
+    nsga2 = "nsga2"
+    gp = "gp"
+    random = "random"
+
+
+STORAGE_HELP = "Optuna storage URL (SQLite file by default; postgresql://... to scale)."
+
+
+def _check_storage_url(url: str) -> None:
+    """Catch a malformed storage URL before anything is created (opening a SQLite URL creates the file)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+        parsed.get_dialect()
+    except Exception as e:
+        raise UserError(
+            f"--storage {url!r} is not a database URL Optuna can use ({type(e).__name__}); "
+            "use e.g. sqlite:///cotune.db or postgresql://user:password@host/dbname"
+        ) from None
+    db = parsed.database
+    if parsed.get_backend_name() == "sqlite" and db and db != ":memory:" and not Path(db).expanduser().resolve().parent.is_dir():
+        raise UserError(f"--storage {url!r}: the folder {Path(db).parent} does not exist")
+
+
+def _quiet_optuna() -> None:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def _parse_objectives(text: str) -> list[str]:
+    from cotune.space import OBJECTIVE_ALIASES, OBJECTIVES
+
+    names = [OBJECTIVE_ALIASES.get(o.strip(), o.strip()) for o in text.split(",") if o.strip()]
+    bad = [o for o in names if o not in OBJECTIVES]
+    if bad or not names or len(set(names)) != len(names):
+        valid = ", ".join([*OBJECTIVES, *OBJECTIVE_ALIASES])
+        raise UserError(f"--objectives {text!r} must be a comma-separated list without repeats of: {valid}")
+    return names
+
+
+@app.command()
+def search(
+    budget: int = typer.Option(50, min=1, help="Total trials the study should hold; a rerun adds only the missing ones."),
+    space: Path | None = typer.Option(None, help="Search-space YAML (default: the shipped space for this hardware)."),
+    study: str | None = typer.Option(None, help="Study name (default: the space's name)."),
+    storage: str = typer.Option("sqlite:///cotune.db", help=STORAGE_HELP),
+    sampler: Sampler = typer.Option(Sampler.tpe, help="Optuna sampler."),
+    objectives: str | None = typer.Option(
+        None, help="Comma-separated: tokens_per_second,val_loss[,peak_memory] (default: the space's)."
+    ),
+    data: str | None = typer.Option(None, help="Training text file or nanoGPT uint16 .bin (default: the space's)."),
+    profile: bool = typer.Option(False, help="Add a torch.profiler pass to each trial and store its top ops and trace."),
+    seed: int | None = typer.Option(None, help="Sampler and training seed (default: random sampler, trial number as training seed)."),
+    runs_dir: Path = typer.Option(Path("cotune-runs"), help="Where each trial's folder (config, result, log) goes."),
+    allow_mixed_hardware: bool = typer.Option(False, help="Let a study hold trials from different machines."),
+) -> None:
+    """Run real, measured training trials until the study holds BUDGET of them."""
+    _quiet_optuna()
+    from cotune import data as data_mod
+    from cotune import hardware, runner
+    from cotune import search as engine
+    from cotune.space import default_space_path, load_space
+    from cotune.study import open_storage
+
+    # Cheap checks of the user's flags and files first; the hardware probe takes seconds.
+    objective_names = _parse_objectives(objectives) if objectives else None
+    search_space = load_space(space) if space else None
+    _check_storage_url(storage)
+    with console.status("probing hardware"):
+        fingerprint = hardware.fingerprint()
+    space_path = space or default_space_path(fingerprint["hardware"]["gpu_count"])
+    search_space = search_space or load_space(space_path)
+    if data is not None:
+        search_space = search_space.model_copy(update={"workload": search_space.workload.model_copy(update={"data": data})})
+    objective_names = objective_names or list(search_space.objectives)
+    world_size = engine.check_hardware(search_space, str(space_path), fingerprint)
+    cache_dir = data_mod.default_cache_dir()
+    with console.status(f"preparing data {search_space.workload.data}"):
+        data_info = data_mod.prepare_data(search_space.workload.data, cache_dir)
+    vocab = search_space.workload.vocab_size
+    if vocab == "auto":
+        vocab = data_info.vocab_size
+    elif data_info.vocab_size > vocab:
+        raise UserError(
+            f"{space_path}: workload.vocab_size is {vocab} but the data {search_space.workload.data} "
+            f"has token ids up to {data_info.vocab_size - 1}; set vocab_size: auto or at least {data_info.vocab_size}"
+        )
+    name = study or search_space.name
+    settings = engine.SearchSettings(
+        space=search_space, space_path=str(space_path), objectives=objective_names, budget=budget,
+        fingerprint=fingerprint, vocab_size=vocab, runs_dir=runs_dir / name, sampler=sampler.value, seed=seed,
+        profile=profile, artifacts_dir=Path("cotune-artifacts") / name, allow_mixed_hardware=allow_mixed_hardware,
+        world_size=world_size,
+    )
+    opt_study = engine.open_study(open_storage(storage), name, settings)
+    stale = engine.fail_stale_trials(opt_study)
+    if stale:
+        console.print(f"closed {stale} trial(s) left running by an earlier search that was killed")
+    progress = engine.progress_of(opt_study, objective_names, engine.Progress(budget, 0))
+    if progress.done >= budget:
+        console.print(
+            f"study {name!r} already holds {progress.done} trials, the budget of {budget} is spent; "
+            f"raise --budget to add more (e.g. --budget {progress.done + 10})"
+        )
+        _print_pareto(opt_study, objective_names)
+        return
+    console.print(
+        f"study [bold]{name}[/] in {storage}: {progress.done} trials so far, running {budget - progress.done} more "
+        f"(space {space_path}, sampler {sampler.value}, objectives {', '.join(objective_names)})"
+    )
+
+    def run_fn(config, trial_dir):
+        return runner.run_trial(config, trial_dir, cache_dir=cache_dir, trace=profile)
+
+    try:
+        _run_with_progress(opt_study, settings, run_fn)
+    except KeyboardInterrupt:
+        err_console.print("interrupted: the running trial was killed and recorded as interrupted; "
+                          "run the same command again to resume")
+        raise typer.Exit(130) from None
+    _print_pareto(opt_study, objective_names)
+
+
+def _run_with_progress(opt_study, settings, run_fn) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from cotune import display
+    from cotune import search as engine
+
+    bar = Progress(
+        TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("ETA {task.fields[eta]}"), TextColumn("{task.fields[stats]}"),
+        console=console, transient=False,
+    )
+    first = engine.progress_of(opt_study, settings.objectives, engine.Progress(settings.budget, 0))
+    task = bar.add_task("search", total=settings.budget, completed=first.done, eta="-", stats=_stats(first))
+
+    current = {"number": -1}
+
+    def on_start(number, config):
+        current["number"] = number
+
+    def on_done(p, result):
+        bar.console.print(display.result_line(current["number"], result))
+        eta = "-" if p.eta_s is None else time.strftime("%M:%S", time.gmtime(p.eta_s))
+        bar.update(task, completed=p.done, eta=eta, stats=_stats(p))
+
+    with bar:
+        engine.run_search(opt_study, settings, run_fn, on_start=on_start, on_done=on_done)
+
+
+def _stats(p) -> str:
+    from cotune.display import OBJECTIVE_HEADERS, fmt
+
+    failed = ", ".join(f"{k} {v}" for k, v in p.by_status.items() if k != "ok" and v)
+    best = "  ".join(f"best {OBJECTIVE_HEADERS[k]} {fmt(v)}" for k, v in p.best.items())
+    return f"ok {p.by_status.get('ok', 0)}" + (f" | failed: {failed}" if failed else "") + \
+        f" | pareto {p.pareto_size} | {best}"
+
+
+def _print_pareto(opt_study, objective_names) -> None:
+    from cotune import display
+    from cotune.study import distinct_configs, pareto_trials, rows
+
+    front = rows(distinct_configs(pareto_trials(opt_study)))
+    if not front:
+        console.print("no trial finished ok yet, so there is no Pareto set")
+        return
+    table, shared = display.pareto_table(front, f"Pareto set of {opt_study.study_name}: {len(front)} configs "
+                                                 f"({', '.join(objective_names)})")
+    console.print(table)
+    console.print(display.shared_line(shared))
+
+
+@app.command()
+def trials(
+    study: str | None = typer.Option(None, help="Study name (default: the storage's only study)."),
+    storage: str = typer.Option("sqlite:///cotune.db", help=STORAGE_HELP),
+) -> None:
+    """Table of every trial in a study: status, metrics and the knobs that vary."""
+    _quiet_optuna()
+    from cotune import display
+    from cotune.study import load, rows
+
+    opt_study = load(storage, study)
+    all_trials = sorted(opt_study.get_trials(deepcopy=False), key=lambda t: t.number)
+    console.print(display.trials_table(rows(all_trials), f"{opt_study.study_name}: {len(all_trials)} trials"))
+
+
+@app.command()
+def best(
+    study: str | None = typer.Option(None, help="Study name (default: the storage's only study)."),
+    storage: str = typer.Option("sqlite:///cotune.db", help=STORAGE_HELP),
+) -> None:
+    """The Pareto set: one row per distinct config, the knobs that differ highlighted."""
+    _quiet_optuna()
+    from cotune.study import load, objectives_of
+
+    opt_study = load(storage, study)
+    _print_pareto(opt_study, objectives_of(opt_study))
+
+
+@app.command("trial")
+def trial_cmd(
+    config_path: Path = typer.Argument(..., metavar="CONFIG.json", help="A TrialConfig JSON (as in a trial folder)."),
+    out: Path | None = typer.Option(None, help="Trial folder (default: cotune-runs/manual/<time>)."),
+    profile: bool = typer.Option(False, help="Add a torch.profiler pass."),
+) -> None:
+    """Run one config by hand and print its metrics."""
+    from dataclasses import replace
+
+    from cotune import data as data_mod
+    from cotune import display, runner
+    from cotune.config import TrialConfig
+
+    try:
+        config = TrialConfig.from_dict(json.loads(config_path.read_text()))
+    except FileNotFoundError:
+        raise UserError(f"{config_path}: no such config file") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{config_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{config_path}: {e}") from None
+    if profile:
+        config = replace(config, run=replace(config.run, profile=True))
+    trial_dir = out or Path("cotune-runs") / "manual" / time.strftime("%Y%m%d-%H%M%S")
+    cache_dir = data_mod.default_cache_dir()
+    data_mod.prepare_data(config.workload.data, cache_dir)
+    with console.status(f"running trial in {trial_dir}"):
+        result = runner.run_trial(config, trial_dir, cache_dir=cache_dir, trace=profile)
+    console.print(display.metrics_table(result))
+    if result.status != "ok":
+        console.print(f"[red]{result.status}[/]: {result.reason}")
+        if result.error_tail:
+            console.print(result.error_tail, markup=False, highlight=False)
+        raise typer.Exit(1)
+    console.print(f"trial folder: {trial_dir}")
+
+
+@app.command()
+def spaces(
+    check: Path | None = typer.Option(None, help="Validate this space file instead of listing the shipped ones."),
+) -> None:
+    """List the shipped search spaces, or validate one with --check FILE."""
+    from rich.table import Table
+
+    from cotune.space import load_space, shipped_spaces
+
+    if check is not None:
+        s = load_space(check)
+        tunable = [k for k, d in s.knobs.items() if not d.fixed]
+        console.print(f"{check}: valid space {s.name!r} ({s.hardware.device}, {len(s.knobs)} knobs, "
+                      f"{len(tunable)} tunable: {', '.join(tunable)}; {len(s.constraints)} constraints)")
+        return
+    table = Table(title="shipped search spaces", header_style="bold")
+    for header in ("name", "device", "model", "tunable knobs"):
+        table.add_column(header)
+    for path in shipped_spaces():
+        s = load_space(path)
+        w = s.workload
+        tunable = sum(not d.fixed for d in s.knobs.values())
+        nproc = s.hardware.nproc or "all"
+        table.add_row(s.name, f"{s.hardware.device} x{nproc}",
+                      f"{w.n_layer}L {w.n_embd}d {w.n_head}h T={w.seq_len}", str(tunable))
+    console.print(table)
+    console.print(f"files: {_short(shipped_spaces()[0].parent)}/<name>.yaml; pass one with --space")
+
+
+def _short(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as e:
+        from rich.markup import escape
+
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

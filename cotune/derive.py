@@ -1,0 +1,143 @@
+"""From sampled knob values to a TrialConfig, and whether it may be launched.
+
+Dependent knobs are derived so that most infeasible configs cannot be expressed:
+``dp = world_size / (fsdp * tp * pp)``, the micro batch is capped at the global
+batch per data-parallel rank, ``grad_accum_steps = global / (micro * dp)``. What
+cannot be made structural is a YAML constraint, checked here before launch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cotune import constraints
+from cotune.config import (
+    BatchConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    PrecisionConfig,
+    RunConfig,
+    SoftwareConfig,
+    TrialConfig,
+    WorkloadConfig,
+)
+from cotune.space import KNOBS, Domain, SearchSpace
+
+# Values a knob takes when the space does not mention it.
+DEFAULTS: dict[str, Any] = {
+    "micro_batch_size": 8,
+    "global_batch_size": 8,
+    "precision": "fp32",
+    "learning_rate": 1e-3,
+    "warmup_fraction": 0.05,
+    "weight_decay": 0.1,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.99,
+    "grad_clip": 1.0,
+    "activation_checkpointing": False,
+    "compile": False,
+    "fsdp": 1,
+    "tp": 1,
+    "pp": 1,
+}
+
+
+def allowed_domain(name: str, domain: Domain, native_precisions: list[str]) -> Domain:
+    """The domain narrowed to what this hardware runs (only precision is hardware-bound)."""
+    if name != "precision":
+        return domain
+    return Domain(choices=[p for p in domain.choices or [] if p in native_precisions])
+
+
+def suggest(trial: Any, space: SearchSpace, native_precisions: list[str]) -> dict[str, Any]:
+    """Ask an Optuna trial for every non-fixed knob; fixed knobs are taken as they are."""
+    values: dict[str, Any] = {}
+    for name, full in space.knobs.items():
+        domain = allowed_domain(name, full, native_precisions)
+        knob = KNOBS[name]
+        if domain.fixed:
+            value = domain.choices[0] if domain.choices is not None else domain.low
+        elif domain.choices is not None:
+            value = trial.suggest_categorical(name, domain.choices)
+        elif knob.type is int:
+            step = int(domain.step or 1)
+            value = trial.suggest_int(name, int(domain.low), int(domain.high), step=step, log=domain.log)
+        else:
+            value = trial.suggest_float(name, domain.low, domain.high, step=domain.step, log=domain.log)
+        values[name] = knob.type(value)
+    return values
+
+
+def build_config(
+    space: SearchSpace,
+    knob_values: dict[str, Any],
+    *,
+    world_size: int,
+    vocab_size: int,
+    seed: int = 0,
+    profile: bool = False,
+) -> tuple[TrialConfig | None, str]:
+    """Derive a TrialConfig, or return ``(None, reason)`` when it is infeasible."""
+    v = {**DEFAULTS, **knob_values}
+    inner = v["fsdp"] * v["tp"] * v["pp"]
+    if world_size % inner:
+        return None, (
+            f"world_size % (fsdp * tp * pp) == 0 must hold, but got world_size={world_size}, "
+            f"fsdp={v['fsdp']}, tp={v['tp']}, pp={v['pp']}"
+        )
+    dp = world_size // inner
+    data_parallel = dp * v["fsdp"]
+    if v["global_batch_size"] < data_parallel:
+        return None, (
+            f"global_batch_size >= dp * fsdp must hold, but got global_batch_size={v['global_batch_size']}, "
+            f"dp={dp}, fsdp={v['fsdp']}"
+        )
+    micro = min(v["micro_batch_size"], v["global_batch_size"] // data_parallel)
+    grad_accum = max(1, v["global_batch_size"] // (micro * data_parallel))
+    w = space.workload
+    config = TrialConfig(
+        workload=WorkloadConfig(
+            model=w.model, n_layer=w.n_layer, n_embd=w.n_embd, n_head=w.n_head,
+            seq_len=w.seq_len, vocab_size=vocab_size, data=w.data,
+        ),
+        batch=BatchConfig(micro_batch_size=micro, global_batch_size=v["global_batch_size"], grad_accum_steps=grad_accum),
+        parallel=ParallelConfig(dp=dp, fsdp=v["fsdp"], tp=v["tp"], pp=v["pp"]),
+        precision=PrecisionConfig(precision=v["precision"]),
+        optimizer=OptimizerConfig(
+            learning_rate=v["learning_rate"], warmup_fraction=v["warmup_fraction"],
+            weight_decay=v["weight_decay"], adam_beta1=v["adam_beta1"], adam_beta2=v["adam_beta2"],
+            grad_clip=v["grad_clip"],
+        ),
+        software=SoftwareConfig(activation_checkpointing=v["activation_checkpointing"], compile=v["compile"]),
+        run=RunConfig(
+            device=space.hardware.device, warmup_steps=space.trial.warmup_steps,
+            measured_steps=space.trial.measured_steps, token_budget=space.trial.token_budget,
+            eval_tokens=space.trial.eval_tokens, timeout_s=space.trial.timeout_s, seed=seed, profile=profile,
+        ),
+    )
+    reason = check(config, space)
+    return (None, reason) if reason else (config, "")
+
+
+def check(config: TrialConfig, space: SearchSpace) -> str:
+    """The first declared constraint the config breaks, as a sentence with every value; '' if none."""
+    values = {**config.flat(), **_workload_values(config), "world_size": config.parallel.world_size}
+    values["grad_accum_steps"] = config.batch.grad_accum_steps
+    for c in space.constraints:
+        if not constraints.evaluate(c.expr, values):
+            used = ", ".join(f"{n}={values[n]}" for n in sorted(constraints.names(c.expr)))
+            why = f" ({c.why})" if c.why else ""
+            return f"{c.expr} must hold{why}, but got {used}"
+    if config.parallel.world_size > 1:
+        return (
+            f"parallel layouts above one process are not run yet, but got world_size="
+            f"{config.parallel.world_size} (dp={config.parallel.dp}, fsdp={config.parallel.fsdp}, "
+            f"tp={config.parallel.tp}, pp={config.parallel.pp})"
+        )
+    return ""
+
+
+def _workload_values(config: TrialConfig) -> dict[str, Any]:
+    w = config.workload
+    return {"n_layer": w.n_layer, "n_embd": w.n_embd, "n_head": w.n_head, "seq_len": w.seq_len,
+            "vocab_size": w.vocab_size, "model": w.model, "data": w.data}

@@ -1,0 +1,129 @@
+"""Rich tables and one-line summaries for the terminal. Data comes from ``cotune.study``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+from cotune.config import TrialConfig, TrialResult
+from cotune.study import Row, differing_knobs, objective_value
+
+OBJECTIVE_HEADERS = {"tokens_per_second": "tokens/s", "val_loss": "val loss", "peak_memory": "peak mem"}
+KNOB_SHORT = {
+    "micro_batch_size": "micro",
+    "global_batch_size": "global",
+    "grad_accum_steps": "accum",
+    "learning_rate": "lr",
+    "warmup_fraction": "warmup",
+    "weight_decay": "wd",
+    "adam_beta1": "beta1",
+    "adam_beta2": "beta2",
+    "activation_checkpointing": "ckpt",
+    "precision": "prec",
+}
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return "nan"
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        if value != 0 and (abs(value) < 0.01):
+            return f"{value:.2e}"
+        return f"{value:.4g}"
+    if isinstance(value, str) and value in ("nan", "inf", "-inf"):
+        return value
+    return str(value)
+
+
+def fmt_bytes(n: float | None) -> str:
+    return "-" if n is None else f"{float(n) / 2**20:,.0f} MiB"
+
+
+def metric_cells(row: Row) -> list[str]:
+    m = row.metrics
+    tps = objective_value(row, "tokens_per_second")
+    loss = objective_value(row, "val_loss")
+    mfu = m.get("mfu")
+    return [
+        "-" if tps is None else f"{tps:,.0f}",
+        "-" if loss is None else f"{loss:.4f}",
+        fmt_bytes(m.get("peak_memory_bytes")),
+        "-" if mfu is None else f"{float(mfu) * 100:.2f}%",
+    ]
+
+
+def trials_table(table_rows: list[Row], title: str) -> Table:
+    """All trials: status, metrics, the knobs that vary across the study, and why a trial failed."""
+    varying = differing_knobs(table_rows)
+    table = Table(title=title, header_style="bold")
+    for header in ("#", "status", "tokens/s", "val loss", "peak mem", "MFU"):
+        table.add_column(header, justify="right" if header not in ("status",) else "left")
+    for name in varying:
+        table.add_column(KNOB_SHORT.get(name, name), justify="right")
+    table.add_column("reason", overflow="fold", max_width=60)
+    for r in table_rows:
+        style = None if r.status == "ok" else "dim"
+        table.add_row(str(r.number), r.status, *metric_cells(r), *(fmt(r.knobs.get(n)) for n in varying),
+                      r.reason, style=style)
+    return table
+
+
+def pareto_table(table_rows: list[Row], title: str) -> tuple[Table, dict[str, Any]]:
+    """The Pareto configs, with the knobs that differ between them highlighted.
+
+    Returns the table and the knob values shared by every row (shown once, below it).
+    """
+    varying = differing_knobs(table_rows)
+    shared = {k: v for k, v in (table_rows[0].knobs.items() if table_rows else []) if k not in varying}
+    table = Table(title=title, header_style="bold")
+    for header in ("#", "tokens/s", "val loss", "peak mem", "MFU"):
+        table.add_column(header, justify="right")
+    for name in varying:
+        table.add_column(KNOB_SHORT.get(name, name), justify="right", style="bold cyan", header_style="bold cyan")
+    for r in table_rows:
+        table.add_row(str(r.number), *metric_cells(r)[:4], *(fmt(r.knobs.get(n)) for n in varying))
+    return table, shared
+
+
+def shared_line(shared: dict[str, Any]) -> str:
+    return "same in every row: " + ", ".join(f"{KNOB_SHORT.get(k, k)}={fmt(v)}" for k, v in shared.items())
+
+
+def config_line(config: TrialConfig | None) -> str:
+    if config is None:
+        return "infeasible config"
+    k = config.flat()
+    return (
+        f"micro {k['micro_batch_size']} x accum {config.batch.grad_accum_steps} = global {k['global_batch_size']}, "
+        f"{k['precision']}, lr {k['learning_rate']:.2e}, warmup {k['warmup_fraction']:.2f}, "
+        f"wd {k['weight_decay']:.3f}, beta2 {k['adam_beta2']:.3f}, "
+        f"ckpt {fmt(k['activation_checkpointing'])}, compile {fmt(k['compile'])}"
+    )
+
+
+def result_line(number: int, result: TrialResult) -> str:
+    m = result.metrics
+    if result.status == "ok":
+        return (
+            f"trial {number:>3} [green]ok[/]        {float(m['tokens_per_second']):>10,.0f} tok/s  "
+            f"val loss {float(m['val_loss']):.4f}  peak {fmt_bytes(m.get('peak_memory_bytes'))}"
+        )
+    colour = "yellow" if result.status == "infeasible" else "red"
+    reason = result.reason or (result.error_tail.strip().splitlines() or [""])[-1]
+    return f"trial {number:>3} [{colour}]{result.status:<10}[/] {reason[:160]}"
+
+
+def metrics_table(result: TrialResult) -> Table:
+    table = Table(title=f"trial: {result.status}", show_header=False)
+    table.add_column("metric", style="bold")
+    table.add_column("value", justify="right")
+    for key, value in result.metrics.items():
+        table.add_row(key, fmt_bytes(value) if key == "peak_memory_bytes" else fmt(value))
+    for key, value in result.phase_seconds.items():
+        table.add_row(f"time: {key}", f"{value:.2f} s")
+    return table

@@ -1,0 +1,209 @@
+"""What the machine is: a hardware/software fingerprint, native precisions and peak FLOP/s.
+
+The fingerprint is taken in a child process (``python -m cotune.hardware``) so the
+search process never imports torch or touches an accelerator. Peak FLOP/s come
+from one datasheet table for known GPUs, else from a matmul probe cached on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from cotune import __version__
+
+# Dense (no sparsity) peak FLOP/s per device from the vendors' datasheets, by precision.
+# fp32 is the plain (non-TF32) figure, since cotune does not enable TF32.
+DATASHEET_PEAK_FLOPS: dict[str, dict[str, float]] = {
+    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+    "H100 SXM": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+    "H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12},
+    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
+    "A10G": {"bf16": 125e12, "fp16": 125e12, "fp32": 31.2e12},
+    "L40S": {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12},
+    "L4": {"bf16": 121e12, "fp16": 121e12, "fp32": 30.3e12},
+    "RTX 4090": {"bf16": 165e12, "fp16": 165e12, "fp32": 82.6e12},
+    "RTX 3090": {"bf16": 71e12, "fp16": 71e12, "fp32": 35.6e12},
+    "V100": {"fp16": 125e12, "fp32": 15.7e12},
+    "T4": {"fp16": 65e12, "fp32": 8.1e12},
+}
+
+
+def datasheet_peak(gpu_name: str, precision: str) -> tuple[float, str] | None:
+    """The table's figure for a GPU name such as "NVIDIA H100 80GB HBM3", longest key first."""
+    for key in sorted(DATASHEET_PEAK_FLOPS, key=len, reverse=True):
+        if key.lower() in gpu_name.lower() and precision in DATASHEET_PEAK_FLOPS[key]:
+            return DATASHEET_PEAK_FLOPS[key][precision], f"datasheet: {key} {precision}"
+    return None
+
+
+def peak_flops(device: str, precision: str, cache_dir: Path) -> tuple[float, str]:
+    """Peak FLOP/s of one device at ``precision``, and where the figure comes from.
+
+    Call from the trial side only: it imports torch.
+    """
+    import torch
+
+    if device == "cuda":
+        found = datasheet_peak(torch.cuda.get_device_name(), precision)
+        if found:
+            return found
+    key = _probe_key(device, precision)
+    path = cache_dir / f"peak-flops-{key}.json"
+    if path.exists():
+        return json.loads(path.read_text())["flops"], "matmul probe (cached)"
+    flops = _matmul_probe(device, precision)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"flops": flops, "device": device, "precision": precision}))
+    tmp.replace(path)
+    return flops, "matmul probe"
+
+
+def _probe_key(device: str, precision: str) -> str:
+    import torch
+
+    name = torch.cuda.get_device_name() if device == "cuda" else _cpu_model()
+    raw = f"{name}|{device}|{precision}|{torch.__version__}|{torch.get_num_threads()}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def _matmul_probe(device: str, precision: str, n: int = 1024, seconds: float = 0.3) -> float:
+    """Best-of FLOP/s of an n x n matmul: a practical ceiling where no datasheet applies."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    a @ b  # first call pays for library initialisation
+    sync()
+    best = float("inf")
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def native_precisions(gpus: list[dict[str, Any]], cpu_flags: set[str]) -> dict[str, list[str]]:
+    """Precisions each device kind runs natively (not emulated at a fraction of the speed)."""
+    cpu = ["fp32"]
+    if cpu_flags & {"avx512_bf16", "amx_bf16"}:
+        cpu.append("bf16")
+    if cpu_flags & {"avx512_fp16", "amx_fp16"}:
+        cpu.append("fp16")
+    out = {"cpu": cpu}
+    if gpus:
+        cuda = ["fp32", "fp16"]
+        if all(g["capability"][0] >= 8 for g in gpus):  # bf16 tensor cores from Ampere on
+            cuda.append("bf16")
+        out["cuda"] = cuda
+    return out
+
+
+def _probe() -> dict[str, Any]:
+    """Runs in the child process: the only place here that imports torch."""
+    import psutil
+    import torch
+
+    gpus = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            gpus.append({"name": p.name, "memory_bytes": p.total_memory, "capability": [p.major, p.minor]})
+    flags = _cpu_flags()
+    hardware = {
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "memory_bytes": psutil.virtual_memory().total,
+        "gpu_count": len(gpus),
+        "gpus": gpus,
+        "machine": platform.machine(),
+    }
+    software = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cuda_driver": _nvidia_driver() if gpus else None,
+        "triton": _version("triton"),
+        "optuna": _version("optuna"),
+        "cotune": __version__,
+        "os": platform.platform(),
+    }
+    return {
+        "hardware_id": hardware_id(hardware),
+        "hardware": hardware,
+        "software": software,
+        "native_precisions": native_precisions(gpus, flags),
+    }
+
+
+def hardware_id(hardware: dict[str, Any]) -> str:
+    """Short stable hash of what decides speed: CPU model and count, memory, GPU models."""
+    keep = {k: hardware[k] for k in ("cpu_model", "cpu_count", "gpu_count", "machine")}
+    keep["gpus"] = [g["name"] for g in hardware["gpus"]]
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20, check=True,
+        )
+        return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+
+
+def fingerprint(timeout_s: float = 120.0) -> dict[str, Any]:
+    """The machine's fingerprint, taken in a child process so this one stays accelerator-free."""
+    out = subprocess.run(
+        [sys.executable, "-m", "cotune.hardware"], capture_output=True, text=True, timeout=timeout_s
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"hardware probe failed (exit {out.returncode}):\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout)
+
+
+if __name__ == "__main__":
+    json.dump(_probe(), sys.stdout)

@@ -1,0 +1,299 @@
+"""The search engine: an Optuna study driven by ask/tell over real trials.
+
+Each asked trial becomes a TrialConfig (``derive``); an infeasible one is recorded
+without launching; a feasible one is run by ``run_fn`` (the runner in real use, a
+fake in tests) and its TrialResult recorded as user attrs plus the objective values.
+A failed trial is data: it is told as FAIL and the search goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from cotune import __version__, derive
+from cotune.config import STATUSES, TrialConfig, TrialResult
+from cotune.errors import UserError
+from cotune.space import OBJECTIVES, SearchSpace
+from cotune.study import counted_trials, pareto_trials
+
+RunFn = Callable[[TrialConfig, Path], TrialResult]
+
+
+def _tpe(seed: int | None, n_objectives: int) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=10)
+
+
+def _nsga2(seed: int | None, n_objectives: int) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.NSGAIISampler(seed=seed, population_size=10)
+
+
+def _gp(seed: int | None, n_objectives: int) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.GPSampler(seed=seed, n_startup_trials=10)
+
+
+def _random(seed: int | None, n_objectives: int) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+SAMPLERS: dict[str, Callable[[int | None, int], optuna.samplers.BaseSampler]] = {
+    "tpe": _tpe,
+    "nsga2": _nsga2,
+    "gp": _gp,
+    "random": _random,
+}
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """Everything a search needs besides the study and the function that runs a trial."""
+
+    space: SearchSpace
+    space_path: str
+    objectives: list[str]
+    budget: int
+    fingerprint: dict[str, Any]
+    vocab_size: int
+    runs_dir: Path
+    sampler: str = "tpe"
+    seed: int | None = None
+    profile: bool = False
+    artifacts_dir: Path | None = None
+    allow_mixed_hardware: bool = False
+    world_size: int = 1
+
+    @property
+    def native_precisions(self) -> list[str]:
+        return self.fingerprint["native_precisions"].get(self.space.hardware.device, [])
+
+
+def check_hardware(space: SearchSpace, space_path: str, fingerprint: dict[str, Any]) -> int:
+    """World size for this space on this machine; a space the machine cannot run is a user error."""
+    gpus = fingerprint["hardware"]["gpu_count"]
+    if space.hardware.device == "cuda" and gpus == 0:
+        raise UserError(
+            f"{space_path}: hardware.device is cuda but this machine has no GPU; "
+            "use a CPU space such as search_spaces/cpu-tiny-gpt.yaml"
+        )
+    native = fingerprint["native_precisions"].get(space.hardware.device, [])
+    precision = space.knobs.get("precision")
+    if precision is not None and not derive.allowed_domain("precision", precision, native).choices:
+        raise UserError(
+            f"{space_path}: knobs.precision allows {precision.choices}, but this {space.hardware.device} "
+            f"runs only {native} natively"
+        )
+    if space.hardware.device == "cpu":
+        return space.hardware.nproc or 1
+    nproc = space.hardware.nproc or gpus
+    if nproc > gpus:
+        raise UserError(f"{space_path}: hardware.nproc is {nproc} but this machine has {gpus} GPU(s)")
+    return nproc
+
+
+def open_study(
+    storage: optuna.storages.BaseStorage, name: str, settings: SearchSettings
+) -> optuna.Study:
+    """Create the study, or load it and check it is the same search on the same hardware."""
+    directions = [OBJECTIVES[o][1] for o in settings.objectives]
+    space_json = settings.space.model_dump(mode="json")
+    sampler = SAMPLERS[settings.sampler](settings.seed, len(directions))
+    try:
+        storage.get_study_id_from_name(name)
+        exists = True
+    except KeyError:
+        exists = False
+    if exists:
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        _check_compatible(study, name, settings, space_json)
+        return study
+    study = optuna.create_study(study_name=name, storage=storage, directions=directions, sampler=sampler)
+    attrs = {
+        "objectives": settings.objectives,
+        "space": space_json,
+        "space_path": settings.space_path,
+        "sampler": settings.sampler,
+        "hardware_id": settings.fingerprint["hardware_id"],
+        "fingerprint": settings.fingerprint,
+        "cotune_version": __version__,
+    }
+    for key, value in attrs.items():
+        study.set_user_attr(key, value)
+    return study
+
+
+def _check_compatible(study: optuna.Study, name: str, settings: SearchSettings, space_json: dict) -> None:
+    old = study.user_attrs
+    if old.get("objectives") != settings.objectives:
+        raise UserError(
+            f"--objectives {','.join(settings.objectives)} differs from study {name!r}'s "
+            f"{','.join(old.get('objectives', []))}; use the same objectives or a new --study"
+        )
+    if old.get("space") != space_json:
+        raise UserError(
+            f"--space {settings.space_path} differs from the space study {name!r} was created with "
+            f"({old.get('space_path')}); use that space or a new --study"
+        )
+    here, there = settings.fingerprint["hardware_id"], old.get("hardware_id")
+    if there != here and not settings.allow_mixed_hardware:
+        raise UserError(
+            f"study {name!r} was recorded on other hardware ({_describe(old.get('fingerprint'))}) "
+            f"than this machine ({_describe(settings.fingerprint)}); use a new --study, or "
+            "--allow-mixed-hardware to mix them"
+        )
+
+
+def _describe(fp: dict[str, Any] | None) -> str:
+    if not fp:
+        return "unknown"
+    hw = fp["hardware"]
+    gpus = ", ".join(g["name"] for g in hw["gpus"]) or "no GPU"
+    return f"{hw['cpu_model']} x{hw['cpu_count']}, {gpus}"
+
+
+def fail_stale_trials(study: optuna.Study) -> int:
+    """Close RUNNING trials left by a search on this host that no longer exists (killed hard)."""
+    host = socket.gethostname()
+    closed = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        pid = t.user_attrs.get("search_pid")
+        if t.user_attrs.get("host") == host and pid and not _alive(pid):
+            study._storage.set_trial_user_attr(t._trial_id, "status", "interrupted")
+            study.tell(t.number, state=TrialState.FAIL)
+            closed += 1
+    return closed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class Progress:
+    """What the CLI shows after each trial."""
+
+    budget: int
+    done: int
+    started_at: float = field(default_factory=time.monotonic)
+    ran_here: int = 0
+    by_status: dict[str, int] = field(default_factory=dict)
+    pareto_size: int = 0
+    best: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def eta_s(self) -> float | None:
+        if not self.ran_here:
+            return None
+        return (time.monotonic() - self.started_at) / self.ran_here * (self.budget - self.done)
+
+
+def progress_of(study: optuna.Study, objectives: list[str], progress: Progress) -> Progress:
+    """Refresh counts, Pareto size and the best value of each objective from the study."""
+    trials = counted_trials(study)
+    progress.done = len(trials)
+    progress.by_status = {s: 0 for s in STATUSES}
+    for t in trials:
+        progress.by_status[t.user_attrs["status"]] += 1
+    progress.pareto_size = len(pareto_trials(study))
+    for i, name in enumerate(objectives):
+        values = [t.values[i] for t in trials if t.state == TrialState.COMPLETE]
+        if values:
+            progress.best[name] = max(values) if OBJECTIVES[name][1] == "maximize" else min(values)
+    return progress
+
+
+def run_search(
+    study: optuna.Study,
+    settings: SearchSettings,
+    run_fn: RunFn,
+    *,
+    on_start: Callable[[int, TrialConfig | None], None] = lambda n, c: None,
+    on_done: Callable[[Progress, TrialResult], None] = lambda p, r: None,
+) -> Progress:
+    """Ask, run and tell until the study holds ``settings.budget`` finished trials."""
+    progress = progress_of(study, settings.objectives, Progress(settings.budget, 0))
+    while progress.done < settings.budget:
+        trial = study.ask()
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("search_pid", os.getpid())
+        knob_values = derive.suggest(trial, settings.space, settings.native_precisions)
+        config, reason = derive.build_config(
+            settings.space, knob_values, world_size=settings.world_size, vocab_size=settings.vocab_size,
+            seed=trial.number if settings.seed is None else settings.seed, profile=settings.profile,
+        )
+        on_start(trial.number, config)
+        try:
+            if config is None:
+                result = TrialResult(status="infeasible", reason=reason)
+            else:
+                result = run_fn(config, settings.runs_dir / f"trial-{trial.number:04d}")
+        except KeyboardInterrupt:
+            trial.set_user_attr("status", "interrupted")
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        record(study, trial, config, knob_values, result, settings)
+        progress.ran_here += 1
+        on_done(progress_of(study, settings.objectives, progress), result)
+    return progress
+
+
+def record(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    config: TrialConfig | None,
+    knob_values: dict[str, Any],
+    result: TrialResult,
+    settings: SearchSettings,
+) -> None:
+    """Store everything about one trial in the study, then tell its values (or FAIL)."""
+    values = None
+    if result.status == "ok":
+        raw = [result.metrics.get(OBJECTIVES[o][0]) for o in settings.objectives]
+        if any(v is None for v in raw):
+            missing = [o for o, v in zip(settings.objectives, raw) if v is None]
+            result = TrialResult(status="crash", metrics=result.metrics,
+                                 reason=f"trial reported no value for objective(s) {missing}")
+        else:
+            values = [float(v) for v in raw]
+    trace_artifact = None
+    if result.trace_path and settings.artifacts_dir is not None and Path(result.trace_path).exists():
+        store = optuna.artifacts.FileSystemArtifactStore(str(settings.artifacts_dir))
+        settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
+        trace_artifact = optuna.artifacts.upload_artifact(
+            artifact_store=store, file_path=result.trace_path, study_or_trial=trial
+        )
+    result_dict = result.to_dict()
+    attrs = {
+        "config": config.to_dict() if config else None,
+        "knobs": knob_values,
+        "status": result.status,
+        "metrics": result_dict["metrics"],
+        "loss_curve": result_dict["loss_curve"],
+        "phase_seconds": result_dict["phase_seconds"],
+        "profile_top_ops": result_dict["profile_top_ops"],
+        "trace_artifact_id": trace_artifact,
+        "error_tail": result.error_tail[-4000:],
+        "reason": result.reason,
+        "fingerprint": settings.fingerprint,
+        "cotune_version": __version__,
+    }
+    for key, value in attrs.items():
+        trial.set_user_attr(key, json.loads(json.dumps(value)))
+    if values is not None:
+        study.tell(trial, values=values)
+    else:
+        study.tell(trial, state=TrialState.FAIL)

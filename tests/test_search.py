@@ -1,0 +1,167 @@
+"""The engine driven by a fast fake trial: budget, resume, recording, failures, samplers."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import optuna
+import pytest
+
+from cotune import search
+from cotune.config import STATUSES, TrialConfig, TrialResult
+from cotune.errors import UserError
+from cotune.space import load_space
+from cotune.study import counted_trials, pareto_trials
+from tests.conftest import CPU_SPACE
+
+
+def fake_trial(config: TrialConfig, trial_dir: Path) -> TrialResult:
+    """Throughput grows with the micro batch, loss is best near lr=3e-3: a real trade-off, instantly."""
+    k = config.flat()
+    if k["learning_rate"] > 2e-2:
+        return TrialResult(status="diverged", reason="train loss became nan at step 3")
+    tokens_per_second = 1000.0 * config.batch.micro_batch_size / (1.3 if k["activation_checkpointing"] else 1.0)
+    loss = 2.0 + (math.log10(k["learning_rate"]) + 2.5) ** 2 + 0.002 * k["global_batch_size"]
+    return TrialResult(status="ok", metrics={
+        "tokens_per_second": tokens_per_second, "val_loss": loss, "peak_memory_bytes": 1e6 * k["micro_batch_size"],
+    }, loss_curve=[[1, 64, 5.0], [2, 128, loss]])
+
+
+def settings(fingerprint, tmp_path, **kw) -> search.SearchSettings:
+    space = load_space(CPU_SPACE)
+    defaults = dict(space=space, space_path=str(CPU_SPACE), objectives=list(space.objectives), budget=12,
+                    fingerprint=fingerprint, vocab_size=256, runs_dir=tmp_path / "runs", seed=0)
+    return search.SearchSettings(**{**defaults, **kw})
+
+
+def open_study(tmp_path, s):
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}")
+    return search.open_study(storage, "t", s)
+
+
+def test_search_fills_the_budget_and_records_everything(fingerprint, tmp_path):
+    s = settings(fingerprint, tmp_path)
+    study = open_study(tmp_path, s)
+    progress = search.run_search(study, s, fake_trial)
+    assert progress.done == 12 and sum(progress.by_status.values()) == 12
+    reloaded = optuna.load_study(study_name="t", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    trials = reloaded.get_trials()
+    assert len(trials) == 12
+    assert reloaded.user_attrs["hardware_id"] == fingerprint["hardware_id"]
+    for t in trials:
+        attrs = t.user_attrs
+        assert attrs["status"] in STATUSES
+        assert attrs["fingerprint"]["hardware_id"] == fingerprint["hardware_id"]
+        assert attrs["cotune_version"]
+        config = TrialConfig.from_dict(attrs["config"])  # the full config, loadable as is
+        if attrs["status"] == "ok":
+            assert t.state == optuna.trial.TrialState.COMPLETE
+            assert t.values == [attrs["metrics"]["tokens_per_second"], attrs["metrics"]["val_loss"]]
+            assert attrs["loss_curve"][-1][2] == attrs["metrics"]["val_loss"]
+        else:
+            assert t.state == optuna.trial.TrialState.FAIL and attrs["reason"]
+        assert config.run.seed == 0
+    assert len(pareto_trials(reloaded)) >= 1
+
+
+def test_rerun_resumes_up_to_the_budget(fingerprint, tmp_path):
+    s = settings(fingerprint, tmp_path, budget=5)
+    search.run_search(open_study(tmp_path, s), s, fake_trial)
+    calls = []
+
+    def counting(config, trial_dir):
+        calls.append(config)
+        return fake_trial(config, trial_dir)
+
+    search.run_search(open_study(tmp_path, s), s, counting)
+    assert calls == []  # budget already spent
+    s8 = settings(fingerprint, tmp_path, budget=8)
+    progress = search.run_search(open_study(tmp_path, s8), s8, counting)
+    assert len(calls) == 3 and progress.done == 8
+
+
+def test_failures_are_data_and_the_search_goes_on(fingerprint, tmp_path):
+    s = settings(fingerprint, tmp_path, budget=10, sampler="random")
+    outcomes = iter(["crash", "oom", "timeout", "ok"] * 3)
+
+    def flaky(config, trial_dir):
+        status = next(outcomes)
+        if status == "ok":
+            return fake_trial(config, trial_dir)
+        return TrialResult(status=status, reason=f"{status} on purpose", error_tail="Traceback ...\nBoom")
+
+    progress = search.run_search(open_study(tmp_path, s), s, flaky)
+    assert progress.done == 10
+    assert progress.by_status["crash"] == 3 and progress.by_status["oom"] == 3 and progress.by_status["timeout"] == 2
+    failed = [t for t in counted_trials(open_study(tmp_path, s)) if t.user_attrs["status"] == "crash"]
+    assert failed[0].user_attrs["error_tail"].endswith("Boom")
+
+
+def test_infeasible_configs_are_never_launched(fingerprint, tmp_path):
+    space = load_space(CPU_SPACE)
+    # A declared constraint that rules out every micro batch above 8.
+    from cotune.space import Constraint
+
+    space = space.model_copy(update={"constraints": [Constraint(expr="micro_batch_size <= 8", why="test")]})
+    s = settings(fingerprint, tmp_path, space=space, budget=15, sampler="random")
+    launched = []
+
+    def run(config, trial_dir):
+        launched.append(config.batch.micro_batch_size)
+        return fake_trial(config, trial_dir)
+
+    progress = search.run_search(open_study(tmp_path, s), s, run)
+    assert launched and max(launched) <= 8
+    assert progress.by_status["infeasible"] == 15 - len(launched) > 0
+    infeasible = [t for t in counted_trials(open_study(tmp_path, s)) if t.user_attrs["status"] == "infeasible"]
+    assert "micro_batch_size <= 8 must hold (test), but got micro_batch_size=" in infeasible[0].user_attrs["reason"]
+
+
+def test_refuses_to_mix_hardware_unless_told(fingerprint, tmp_path):
+    s = settings(fingerprint, tmp_path, budget=2)
+    search.run_search(open_study(tmp_path, s), s, fake_trial)
+    other = {**fingerprint, "hardware_id": "somewhere-else",
+             "hardware": {**fingerprint["hardware"], "cpu_model": "Other CPU"}}
+    with pytest.raises(UserError, match="recorded on other hardware"):
+        open_study(tmp_path, settings(other, tmp_path, budget=3))
+    s3 = settings(other, tmp_path, budget=3, allow_mixed_hardware=True)
+    assert search.run_search(open_study(tmp_path, s3), s3, fake_trial).done == 3
+
+
+def test_refuses_other_objectives_or_space(fingerprint, tmp_path):
+    s = settings(fingerprint, tmp_path, budget=1)
+    search.run_search(open_study(tmp_path, s), s, fake_trial)
+    with pytest.raises(UserError, match="--objectives"):
+        open_study(tmp_path, settings(fingerprint, tmp_path, objectives=["tokens_per_second", "val_loss", "peak_memory"]))
+    changed = s.space.model_copy(update={"name": "other"})
+    with pytest.raises(UserError, match="--space"):
+        open_study(tmp_path, settings(fingerprint, tmp_path, space=changed))
+
+
+@pytest.mark.parametrize("sampler", sorted(search.SAMPLERS))
+def test_every_sampler_drives_the_search(fingerprint, tmp_path, sampler):
+    s = settings(fingerprint, tmp_path, budget=14, sampler=sampler,
+                 objectives=["tokens_per_second", "val_loss", "peak_memory"])
+    progress = search.run_search(open_study(tmp_path, s), s, fake_trial)
+    assert progress.done == 14
+    study = open_study(tmp_path, s)
+    assert len(study.directions) == 3
+    params = [t.params for t in study.trials]
+    assert len({repr(sorted(p.items())) for p in params}) >= 10  # the sampler explores
+    assert progress.best["tokens_per_second"] == max(t.values[0] for t in study.trials if t.values)
+
+
+def test_interrupted_trial_is_closed_and_not_counted(fingerprint, tmp_path):
+    s = settings(fingerprint, tmp_path, budget=3)
+    study = open_study(tmp_path, s)
+
+    def interrupt(config, trial_dir):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        search.run_search(study, s, interrupt)
+    trials = study.get_trials()
+    assert [t.user_attrs["status"] for t in trials] == ["interrupted"]
+    assert trials[0].state == optuna.trial.TrialState.FAIL
+    assert search.run_search(study, s, fake_trial).done == 3
