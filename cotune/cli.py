@@ -310,13 +310,29 @@ def _short(path: Path) -> str:
 
 
 def main() -> None:
-    try:
-        app()
-    except UserError as e:
-        from rich.markup import escape
+    """Entry point: user errors (bad flags, files, fields) are one sentence on stderr and exit 2."""
+    from rich.markup import escape
 
-        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+    def fail(message: str, code: int) -> None:
+        err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        sys.exit(code)
+
+    try:
+        code = app(standalone_mode=False)
+    except UserError as e:
+        fail(str(e), 2)
+    except typer.Abort:
+        fail("interrupted", 130)
+    except typer.TyperException as e:  # click's usage errors, as vendored by typer
+        if type(e).__name__ == "NoArgsIsHelpError":
+            console.print(e.format_message(), markup=False, highlight=False)
+            sys.exit(0)
+        ctx = getattr(e, "ctx", None)
+        where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        fail(e.format_message() + where, getattr(e, "exit_code", 2))
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

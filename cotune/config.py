@@ -163,8 +163,12 @@ class TrialResult:
     ``metrics`` keys (all present for ``ok``): tokens_per_second, val_loss,
     step_time_mean_s, step_time_std_s, peak_memory_bytes, peak_memory_source,
     mfu, peak_flops, peak_flops_source, flops_per_token, n_params, train_steps,
-    tokens_trained. ``phase_seconds`` splits the trial's wall time
-    (start_and_import, data, model_build, warmup, measured, rest_and_eval, ...).
+    tokens_trained, budget_steps. ``budget_steps`` = ceil(token_budget / (global
+    batch * seq_len)), the steps before val_loss is taken; ``train_steps`` counts every
+    step run (more than budget_steps when warm-up + measured steps need more);
+    ``tokens_trained`` = budget_steps * global batch * seq_len, the tokens behind val_loss.
+    ``phase_seconds`` splits the trial's wall time (start_and_import, data, model_build,
+    warmup, measured, rest_and_eval, peak_flops, profile, ...).
     """
 
     status: str

@@ -1,0 +1,392 @@
+"""Run one trial as its own process tree: launch, time out, kill as a group, classify.
+
+The search process holds no accelerator state, so every trial runs in a child process
+(``python -m cotune.trial``) started in a new session: its own process group and no
+controlling terminal, so a Ctrl-C in the terminal reaches only the search process,
+which then kills the whole tree. How the child ended (exit code, signal, timeout, the
+JSON result it wrote) becomes a ``TrialResult``: a failure is data, never an exception.
+
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from cotune.config import TrialConfig, TrialResult
+
+KILL_GRACE_S = 2.0  # SIGTERM -> SIGKILL: time for a clean exit, short enough not to stall the search
+ERROR_TAIL_LINES = 20
+_POLL_S = 0.25  # how often a running tree is re-scanned for descendants while we wait
+_EXIT_WAIT_S = 10.0  # after SIGKILL: a process holding GB of (GPU) memory takes a moment to release it
+_TAIL_MAX_BYTES = 256 * 1024
+
+
+# --------------------------------------------------------------------------- trials
+
+
+def trial_argv(
+    config_path: Path,
+    result_path: Path,
+    *,
+    trace_dir: Path | None = None,
+    cache_dir: Path | None = None,
+) -> list[str]:
+    """The command that runs one single-process trial: ``python -m cotune.trial CONFIG --result RESULT``."""
+    # The one place a trial's command line is built; multi-rank trials (torchrun) swap it here.
+    argv = [sys.executable, "-m", "cotune.trial", str(config_path), "--result", str(result_path)]
+    if trace_dir is not None:
+        argv += ["--trace-dir", str(trace_dir)]
+    if cache_dir is not None:
+        argv += ["--cache-dir", str(cache_dir)]
+    return argv
+
+
+def run_trial(
+    config: TrialConfig,
+    trial_dir: Path,
+    *,
+    cache_dir: Path | None = None,
+    trace: bool = False,
+) -> TrialResult:
+    """Run ``config`` in its own process tree under ``trial_dir`` and say how it went.
+
+    The folder ends up holding ``config.json`` (the same JSON reruns the trial by hand),
+    ``log.txt`` (stdout and stderr) and, if the trial got that far, ``result.json``.
+    """
+    trial_dir = Path(trial_dir)
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    config_path = trial_dir / "config.json"
+    config_path.write_text(config.to_json())
+    result_path = trial_dir / "result.json"
+    argv = trial_argv(config_path, result_path, trace_dir=trial_dir if trace else None, cache_dir=cache_dir)
+    return run_process(
+        argv,
+        result_path=result_path,
+        log_path=trial_dir / "log.txt",
+        timeout_s=config.run.timeout_s,
+        env=_trial_env(),
+    )
+
+
+def _trial_env() -> dict[str, str]:
+    """Our environment, with this cotune first on the path so the trial runs the same code as the search."""
+    env = dict(os.environ)
+    package_root = str(Path(__file__).resolve().parent.parent)
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if package_root not in paths:
+        env["PYTHONPATH"] = os.pathsep.join([package_root, *paths])
+    return env
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def run_process(
+    argv: list[str],
+    *,
+    result_path: Path,
+    log_path: Path,
+    timeout_s: float,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    kill_grace_s: float = KILL_GRACE_S,
+) -> TrialResult:
+    """Run ``argv`` in a new session, stdout and stderr to ``log_path``, for at most ``timeout_s``.
+
+    On timeout the whole tree is killed and the result is ``timeout``; on Ctrl-C (or any
+    exception while waiting) the tree is killed and the exception re-raised. A result JSON
+    the process wrote to ``result_path`` is read and checked. ``env`` is the child's whole
+    environment (default: ours). ``phase_seconds["process_wall"]`` is launch to exit.
+    """
+    result_path, log_path = Path(result_path), Path(log_path)
+    # A result left by an earlier run in the same place must not pass for this run's.
+    result_path.unlink(missing_ok=True)
+    child_env = dict(os.environ if env is None else env)
+    child_env.setdefault("PYTHONUNBUFFERED", "1")  # the log tail is current even when we kill it
+    child_env.setdefault("PYTHONFAULTHANDLER", "1")  # a segfault still leaves a Python traceback
+
+    start = time.monotonic()
+    with open(log_path, "wb") as log:
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,  # a trial never waits on the terminal
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                env=child_env,
+                start_new_session=True,  # own session and group: pgid == proc.pid
+            )
+        except OSError as exc:
+            return TrialResult(
+                status="crash",
+                reason=f"could not start {argv[0]!r}: {exc}",
+                phase_seconds={"process_wall": 0.0},
+            )
+
+    seen: set[psutil.Process] = set()
+    try:
+        timed_out = _wait(proc, start + timeout_s, seen)
+    except BaseException:
+        # Ctrl-C or a bug in here: the tree must not outlive us either way.
+        _kill_tree_even_if_interrupted(proc, seen, kill_grace_s)
+        raise
+    if timed_out:
+        _kill_tree_even_if_interrupted(proc, seen, kill_grace_s)
+        wall = time.monotonic() - start
+    else:
+        wall = time.monotonic() - start
+        # It exited; anything it left running (a daemon grandchild, a compile worker) goes too.
+        _kill_tree_even_if_interrupted(proc, seen, kill_grace_s)
+
+    result, result_error = _load_result(result_path)
+    out = classify(
+        proc.returncode,
+        result,
+        timed_out,
+        tail(log_path),
+        timeout_s=timeout_s,
+        result_error=result_error,
+    )
+    out.phase_seconds["process_wall"] = wall
+    return out
+
+
+def _wait(proc: subprocess.Popen, deadline: float, seen: set[psutil.Process]) -> bool:
+    """Wait until ``proc`` exits or ``deadline`` (monotonic) passes; True if it timed out.
+
+    Meanwhile ``seen`` tracks the tree's processes, so a grandchild whose parent died
+    (and which is no longer reachable from ``proc``) can still be killed later.
+    """
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return True
+        try:
+            proc.wait(timeout=min(_POLL_S, remaining))
+            return False
+        except subprocess.TimeoutExpired:
+            pass
+        alive = {p for p in seen if _alive(p)}
+        seen.clear()
+        seen.update(alive, _descendants([proc.pid, *(p.pid for p in alive)]))
+
+
+def kill_tree(
+    proc: subprocess.Popen,
+    *,
+    known: Iterable[psutil.Process] = (),
+    grace_s: float = KILL_GRACE_S,
+) -> None:
+    """Kill ``proc`` (started with ``start_new_session=True``) and everything it started, then reap it.
+
+    The tree is ``proc``'s process group, plus its descendants found through parent links
+    (which include ones that called ``setsid`` to leave the group), plus ``known``
+    processes seen earlier whose parent may have died since. All get SIGTERM; what is
+    still alive after ``grace_s`` gets SIGKILL. Returns once they are gone (or zombies
+    awaiting a parent that is not us), bounded by a few seconds.
+    """
+    pgid = proc.pid  # a new session's leader: its pid is the group id
+    tree = _tree(proc, known)
+    _signal_all(pgid, tree, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None and not any(_alive(p) for p in tree):
+            break
+        time.sleep(0.05)
+    # Whatever was started during the grace period is caught here, then nothing gets a choice.
+    tree |= _tree(proc, tree)
+    _signal_all(pgid, tree, signal.SIGKILL)
+    try:
+        proc.wait(timeout=_EXIT_WAIT_S)
+    except subprocess.TimeoutExpired:
+        pass  # stuck in the kernel (uninterruptible I/O); Popen reaps it later, nothing more to do
+    deadline = time.monotonic() + _EXIT_WAIT_S
+    while any(_alive(p) for p in tree) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _kill_tree_even_if_interrupted(
+    proc: subprocess.Popen, known: Iterable[psutil.Process], grace_s: float
+) -> None:
+    known = set(known)
+    try:
+        kill_tree(proc, known=known, grace_s=grace_s)
+    except KeyboardInterrupt:
+        # A second Ctrl-C means "now": skip the grace period, but still leave nothing behind.
+        kill_tree(proc, known=known, grace_s=0.0)
+        raise
+
+
+def _tree(proc: subprocess.Popen, known: Iterable[psutil.Process]) -> set[psutil.Process]:
+    """Live processes of ``proc``'s tree: its group, its descendants and those of ``known``."""
+    alive = {p for p in known if _alive(p)}
+    # proc.pid identifies proc only until it is reaped; after that the number may be reused.
+    roots = [p.pid for p in alive] + ([proc.pid] if proc.returncode is None else [])
+    return alive | _descendants(roots) | _group_members(proc.pid)
+
+
+def _descendants(root_pids: Iterable[int]) -> set[psutil.Process]:
+    """All processes below ``root_pids`` by parent links, from one scan of the process table."""
+    children_of: dict[int, list[psutil.Process]] = {}
+    for p in psutil.process_iter(["ppid"]):
+        children_of.setdefault(p.info["ppid"], []).append(p)
+    found: set[psutil.Process] = set()
+    stack = list(root_pids)
+    while stack:
+        for child in children_of.get(stack.pop(), ()):
+            if child not in found:
+                found.add(child)
+                stack.append(child.pid)
+    return found
+
+
+def _group_members(pgid: int) -> set[psutil.Process]:
+    """Processes in group ``pgid``, including ones reparented away from the tree (to init)."""
+    members = set()
+    for pid in psutil.pids():
+        try:
+            if os.getpgid(pid) == pgid:
+                members.add(psutil.Process(pid))
+        except (OSError, psutil.Error):
+            pass  # exited while we looked
+    return {p for p in members if _alive(p)}
+
+
+def _signal_all(pgid: int, tree: Iterable[psutil.Process], sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass  # the group is empty already
+    for p in tree:
+        try:
+            p.send_signal(sig)  # psutil checks the pid was not reused since we saw it
+        except psutil.Error:
+            pass
+
+
+def _alive(p: psutil.Process) -> bool:
+    """Running and not a zombie: a zombie is dead, only not yet reaped by its parent."""
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+# --------------------------------------------------------------------------- classification
+
+
+def _load_result(path: Path) -> tuple[TrialResult | None, str | None]:
+    """(result, None) if ``path`` holds a valid result, (None, why) if it is unreadable, else (None, None)."""
+    if not path.exists():
+        return None, None
+    try:
+        return TrialResult.load(path), None
+    except (OSError, ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def classify(
+    returncode: int | None,
+    result: TrialResult | None,
+    timed_out: bool,
+    log_tail: str,
+    *,
+    timeout_s: float | None = None,
+    result_error: str | None = None,
+) -> TrialResult:
+    """Say how a trial process ended, from its exit code, the result it wrote and whether it timed out.
+
+    ``result`` is what the process wrote (None if nothing); ``result_error`` says why a
+    result file that exists could not be read. Pure: the inputs are not modified.
+    """
+    if timed_out:
+        limit = f"its {timeout_s:g} s timeout" if timeout_s is not None else "its timeout"
+        reason = f"ran past {limit}"
+        if result is not None:
+            reason += " after writing its result (it hung while exiting)"
+        return TrialResult(status="timeout", reason=reason, error_tail=log_tail)
+    if result_error is not None:
+        return TrialResult(
+            status="crash",
+            reason=f"wrote a result that could not be read ({result_error})",
+            error_tail=log_tail,
+        )
+    if result is not None:
+        out = dataclasses.replace(result, phase_seconds=dict(result.phase_seconds))
+        if out.status == "ok":
+            why = _divergence(out)
+            if why is not None:
+                out.status, out.reason = "diverged", why
+        elif not out.error_tail:
+            out.error_tail = log_tail
+        return out
+    if returncode == -signal.SIGKILL:
+        return TrialResult(
+            status="oom",
+            reason="killed by SIGKILL without writing a result, most likely by the Linux out-of-memory killer",
+            error_tail=log_tail,
+        )
+    if returncode is None:
+        return TrialResult(status="crash", reason="did not exit", error_tail=log_tail)
+    if returncode != 0:
+        return TrialResult(status="crash", reason=_describe_exit(returncode), error_tail=log_tail)
+    return TrialResult(status="crash", reason="exited without writing a result", error_tail=log_tail)
+
+
+def _divergence(result: TrialResult) -> str | None:
+    """Why an ``ok`` result's losses say training diverged (a NaN or inf loss), or None."""
+    for point in result.loss_curve:  # [step, tokens_seen, train_loss]
+        if len(point) >= 3 and not _finite(point[2]):
+            return f"training loss became {float(point[2])} at step {point[0]}"
+    val_loss = result.metrics.get("val_loss")
+    if val_loss is not None and not _finite(val_loss):
+        return f"validation loss is {float(val_loss)}"
+    return None
+
+
+def _finite(value: Any) -> bool:
+    """False for NaN/inf, also in TrialResult's string encoding ("nan", "inf", "-inf")."""
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return True  # not a number at all: a malformed result, not a diverged one
+
+
+def _describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = str(-returncode)
+        return f"killed by signal {name}"
+    return f"exited with code {returncode}"
+
+
+# --------------------------------------------------------------------------- logs
+
+
+def tail(path: str | Path, lines: int = ERROR_TAIL_LINES, *, max_bytes: int = _TAIL_MAX_BYTES) -> str:
+    """The last ``lines`` lines of a text file, reading at most ``max_bytes`` from its end; "" if missing."""
+    if lines <= 0:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - max_bytes))
+            data = f.read()
+    except OSError:
+        return ""
+    return "\n".join(data.decode("utf-8", errors="replace").splitlines()[-lines:])

@@ -1,0 +1,92 @@
+"""The command line as a user meets it: bad input is one sentence, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+
+from tests.conftest import CPU_SPACE, ROOT, run_cli
+
+BAD_SPACES = {
+    "invalid-yaml.yaml": ("name: x\nknobs: {a: [\n", "not valid YAML at line"),
+    "unknown-knob.yaml": (CPU_SPACE.read_text().replace("adam_beta2:", "adam_beta3:"), "unknown knob 'adam_beta3'"),
+    "empty-domain.yaml": (CPU_SPACE.read_text().replace("choices: [4, 8, 16, 32]", "choices: []"),
+                          "knobs.micro_batch_size: choices is empty"),
+    "inverted-domain.yaml": (CPU_SPACE.read_text().replace("{low: 1.0e-4, high: 3.0e-2, log: true}",
+                                                           "{low: 3.0e-2, high: 1.0e-4, log: true}"),
+                             "knobs.learning_rate: low must be <= high"),
+}
+
+
+def assert_user_error(result, *fragments: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("name", sorted(BAD_SPACES))
+def test_bad_space_file(tmp_path, name):
+    text, expected = BAD_SPACES[name]
+    (tmp_path / name).write_text(text)
+    assert_user_error(run_cli("search", "--space", name, cwd=tmp_path), name, expected)
+    assert_user_error(run_cli("spaces", "--check", name, cwd=tmp_path), name, expected)
+    assert not (tmp_path / "cotune.db").exists()
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--sampler", "annealing"], ["--sampler", "'tpe', 'nsga2', 'gp', 'random'"]),
+        (["--budget", "0"], ["--budget", "greater than or equal to 1"]),
+        (["--budget", "-3"], ["--budget"]),
+        (["--storage", "cotune.db"], ["--storage 'cotune.db' is not a database URL", "sqlite:///cotune.db"]),
+        (["--storage", "nosuchdb://host/x"], ["--storage 'nosuchdb://host/x' is not a database URL Optuna can use"]),
+        (["--storage", "sqlite:///no/such/folder/c.db"], ["--storage", "the folder no/such/folder does not exist"]),
+        (["--objectives", "speed,loss"], ["--objectives 'speed,loss'", "tokens_per_second"]),
+        (["--space", "nope.yaml"], ["nope.yaml: no such search-space file"]),
+        (["--space", str(CPU_SPACE), "--data", "missing.txt"], ["missing.txt"]),
+        (["--space", str(ROOT / "search_spaces" / "gpu-1-gpt2-small.yaml")], ["hardware.device is cuda"]),
+    ],
+)
+def test_bad_flags(tmp_path, args, fragments, fingerprint):
+    if "cuda" in fragments[0] and fingerprint["hardware"]["gpu_count"]:
+        pytest.skip("this machine has a GPU, so a cuda space is valid here")
+    assert_user_error(run_cli("search", *args, cwd=tmp_path), *fragments)
+    assert list(tmp_path.iterdir()) == [], "a rejected search must leave nothing behind"
+
+
+def test_bad_input_leaves_an_existing_study_untouched(tmp_path):
+    db = tmp_path / "cotune.db"
+    storage = f"sqlite:///{db}"
+    optuna.create_study(study_name="cpu-tiny-gpt", storage=storage, directions=["maximize", "minimize"])
+    before = db.read_bytes()
+    result = run_cli("search", "--space", str(CPU_SPACE), "--data", "missing.bin", "--storage", storage, cwd=tmp_path)
+    assert_user_error(result, "missing.bin")
+    assert db.read_bytes() == before
+
+
+def test_trial_command_rejects_a_bad_config(tmp_path):
+    (tmp_path / "bad.json").write_text(json.dumps({"batch": {}}))
+    assert_user_error(run_cli("trial", "bad.json", cwd=tmp_path), "bad.json", "config")
+    (tmp_path / "broken.json").write_text("{")
+    assert_user_error(run_cli("trial", "broken.json", cwd=tmp_path), "broken.json: not valid JSON")
+
+
+def test_listing_and_reading_need_a_study(tmp_path):
+    assert_user_error(run_cli("trials", cwd=tmp_path), "holds no study yet")
+    optuna.create_study(study_name="a", storage=f"sqlite:///{tmp_path / 'cotune.db'}")
+    assert_user_error(run_cli("best", "--study", "b", cwd=tmp_path), "--study 'b' is not in", "studies there: a")
+
+
+def test_spaces_lists_the_shipped_ones(tmp_path):
+    result = run_cli("spaces", cwd=tmp_path)
+    assert result.returncode == 0
+    for name in ("cpu-tiny-gpt", "gpu-1-gpt2-small", "gpu-8-gpt2-medium"):
+        assert name in result.stdout
+    ok = run_cli("spaces", "--check", str(CPU_SPACE), cwd=tmp_path)
+    assert ok.returncode == 0 and "valid space 'cpu-tiny-gpt'" in ok.stdout

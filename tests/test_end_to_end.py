@@ -1,0 +1,52 @@
+"""`cotune search` for real on CPU: real trials, a real SQLite study, then the reading commands."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+
+from cotune.config import STATUSES, TrialConfig
+from tests.conftest import run_cli
+
+
+@pytest.mark.slow
+def test_search_budget_4_then_resume_trials_best_and_trial(tmp_path):
+    result = run_cli("search", "--budget", "4", "--seed", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Pareto set of cpu-tiny-gpt" in result.stdout
+
+    study = optuna.load_study(study_name="cpu-tiny-gpt", storage=f"sqlite:///{tmp_path / 'cotune.db'}")
+    trials = study.get_trials()
+    assert len(trials) == 4
+    ok = [t for t in trials if t.user_attrs["status"] == "ok"]
+    assert len(ok) >= 3, [(t.user_attrs["status"], t.user_attrs["reason"]) for t in trials]
+    for t in trials:
+        assert t.user_attrs["status"] in STATUSES
+    for t in ok:
+        m = t.user_attrs["metrics"]
+        assert t.values == [m["tokens_per_second"], m["val_loss"]]
+        assert m["tokens_per_second"] > 0 and 0 < m["val_loss"] < 5.6  # below ln(256): it learned
+        assert m["peak_memory_bytes"] > 0 and 0 < m["mfu"] < 1 and m["step_time_std_s"] >= 0
+        assert len(t.user_attrs["loss_curve"]) >= 2
+        assert (tmp_path / "cotune-runs" / "cpu-tiny-gpt" / f"trial-{t.number:04d}" / "result.json").exists()
+
+    again = run_cli("search", "--budget", "4", cwd=tmp_path)
+    assert again.returncode == 0 and "budget of 4 is spent" in again.stdout
+    more = run_cli("search", "--budget", "5", cwd=tmp_path)
+    assert more.returncode == 0 and "running 1 more" in more.stdout
+    assert len(optuna.load_study(study_name="cpu-tiny-gpt", storage=f"sqlite:///{tmp_path / 'cotune.db'}").trials) == 5
+
+    listing = run_cli("trials", cwd=tmp_path)
+    assert listing.returncode == 0 and "cpu-tiny-gpt: 5 trials" in listing.stdout
+    front = run_cli("best", cwd=tmp_path)
+    assert front.returncode == 0 and "Pareto set" in front.stdout
+
+    # The config a trial recorded runs again by hand and is the same config.
+    config_path = tmp_path / "chosen.json"
+    config_path.write_text(json.dumps(ok[0].user_attrs["config"]))
+    by_hand = run_cli("trial", str(config_path), "--out", str(tmp_path / "by-hand"), cwd=tmp_path)
+    assert by_hand.returncode == 0, by_hand.stdout + by_hand.stderr
+    assert "tokens_per_second" in by_hand.stdout and "val_loss" in by_hand.stdout
+    assert TrialConfig.load(tmp_path / "by-hand" / "config.json") == TrialConfig.from_dict(ok[0].user_attrs["config"])

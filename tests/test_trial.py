@@ -1,0 +1,250 @@
+"""The trial side: model, workloads, run_trial's measurements and statuses, and ``python -m cotune.trial``."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from cotune.config import (
+    BatchConfig,
+    OptimizerConfig,
+    RunConfig,
+    TrialConfig,
+    TrialResult,
+    WorkloadConfig,
+)
+from cotune.trial.model import GPT, GPTConfig
+from cotune.trial.train import learning_rate_at, run_trial
+from cotune.trial.workloads import apply_activation_checkpointing, build_model, get_workload
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A short run: 8 sequences of 64 bytes per step, 40 steps to the budget.
+BASE = TrialConfig(
+    batch=BatchConfig(micro_batch_size=4, global_batch_size=8, grad_accum_steps=2),
+    optimizer=OptimizerConfig(learning_rate=3e-3),
+    run=RunConfig(warmup_steps=2, measured_steps=4, token_budget=8 * 64 * 40, eval_tokens=2048),
+)
+
+
+def with_(config: TrialConfig, **sections: dict) -> TrialConfig:
+    """``config`` with some fields of some sections replaced: ``with_(c, run={"seed": 1})``."""
+    return dataclasses.replace(
+        config, **{name: dataclasses.replace(getattr(config, name), **kw) for name, kw in sections.items()}
+    )
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The builtin corpus's cache, shared with test_data.py (it takes seconds to build)."""
+    return tmp_path_factory.getbasetemp() / "cotune-builtin-cache"
+
+
+@pytest.fixture(scope="module")
+def ok_result(cache: Path) -> TrialResult:
+    return run_trial(BASE, cache_dir=cache)
+
+
+def oom_workload(cfg: WorkloadConfig) -> nn.Module:
+    """A user workload (``<this module>:oom_workload``) whose forward runs out of memory."""
+
+    class Hungry(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Linear(1, 1)])
+
+        def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
+
+    return Hungry()
+
+
+# ---------------------------------------------------------------------------- model and workloads
+
+
+def test_gpt_maps_ids_to_logits_with_tied_embeddings() -> None:
+    model = GPT(GPTConfig(vocab_size=256, seq_len=16, n_layer=2, n_head=4, n_embd=32))
+    logits = model(torch.randint(0, 256, (3, 16)))
+    assert logits.shape == (3, 16, 256)
+    assert model.lm_head.weight is model.wte.weight
+    assert model.n_params(non_embedding=False) - model.n_params() == 16 * 32  # the position embedding
+    # Causal: changing a later token leaves earlier logits as they were.
+    idx = torch.randint(0, 256, (1, 16))
+    changed = idx.clone()
+    changed[0, 10] = (idx[0, 10] + 1) % 256
+    torch.testing.assert_close(model(idx)[:, :10], model(changed)[:, :10])
+    assert not torch.allclose(model(idx)[:, 10:], model(changed)[:, 10:])
+
+
+def test_workload_registry_and_plugins() -> None:
+    assert isinstance(build_model(WorkloadConfig()), GPT)
+    assert get_workload(f"{__name__}:oom_workload") is oom_workload
+    with pytest.raises(ValueError, match="unknown workload 'llama'.*gpt"):
+        get_workload("llama")
+    with pytest.raises(ValueError, match="no callable 'nope'"):
+        get_workload(f"{__name__}:nope")
+
+
+def test_activation_checkpointing_wraps_blocks_and_keeps_gradients() -> None:
+    plain = build_model(WorkloadConfig(seq_len=16))
+    wrapped = apply_activation_checkpointing(copy.deepcopy(plain))
+    assert all(type(b).__name__ == "CheckpointedBlock" for b in wrapped.blocks)
+    idx = torch.randint(0, 256, (2, 16))
+    for m in (plain, wrapped):
+        m(idx).float().pow(2).mean().backward()
+    torch.testing.assert_close(plain.wte.weight.grad, wrapped.wte.weight.grad)
+    with pytest.raises(ValueError, match="nn.ModuleList named 'blocks'"):
+        apply_activation_checkpointing(nn.Linear(2, 2))
+
+
+def test_learning_rate_schedule() -> None:
+    opt = OptimizerConfig(learning_rate=1.0, warmup_fraction=0.1)
+    lrs = [learning_rate_at(s, opt, 100) for s in range(120)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # 10 warm-up steps
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))  # then only down
+    assert lrs[99] == pytest.approx(0.1, abs=1e-3) and lrs[100:] == [pytest.approx(0.1)] * 20
+
+
+# ---------------------------------------------------------------------------- run_trial
+
+
+def test_ok_run_has_sane_metrics(ok_result: TrialResult) -> None:
+    r = ok_result
+    assert r.status == "ok", r.reason
+    m = r.metrics
+    keys = {
+        "tokens_per_second", "val_loss", "step_time_mean_s", "step_time_std_s", "peak_memory_bytes",
+        "peak_memory_source", "mfu", "peak_flops", "peak_flops_source", "flops_per_token", "n_params",
+        "train_steps", "tokens_trained", "budget_steps",
+    }  # fmt: skip
+    assert set(m) == keys
+    assert all(math.isfinite(v) for v in m.values() if isinstance(v, float))
+    assert m["tokens_per_second"] > 0 and m["step_time_mean_s"] > 0 and m["step_time_std_s"] >= 0
+    # One timed step is 8 sequences x 64 tokens; throughput and mean step time must agree.
+    assert m["tokens_per_second"] == pytest.approx(512 / m["step_time_mean_s"])
+    assert 1.0 < m["val_loss"] < math.log(256)
+    assert m["peak_memory_bytes"] > 10 * 2**20 and m["peak_memory_source"] == "process peak RSS"
+    assert 0 < m["mfu"] < 1 and m["peak_flops"] > 1e8
+    assert (m["budget_steps"], m["train_steps"], m["tokens_trained"]) == (40, 40, 40 * 512)
+    assert m["n_params"] == build_model(BASE.workload).n_params()
+    assert m["flops_per_token"] == 6 * m["n_params"] + 12 * 2 * 64 * 64
+    assert set(r.phase_seconds) >= {"start_and_import", "data", "model_build", "warmup", "measured", "rest_and_eval"}
+    assert all(v >= 0 for v in r.phase_seconds.values())
+    assert r.phase_seconds["measured"] >= 4 * m["step_time_mean_s"]
+
+
+def test_loss_curve_decreases(ok_result: TrialResult) -> None:
+    curve = ok_result.loss_curve
+    assert [row[0] for row in curve] == list(range(1, 41))
+    assert [row[1] for row in curve] == [512 * s for s in range(1, 41)]
+    first, last = (sum(row[2] for row in rows) / 5 for rows in (curve[:5], curve[-5:]))
+    assert first > 4.5 and last < first - 1.0
+
+
+def test_same_seed_same_loss_with_and_without_activation_checkpointing(cache: Path) -> None:
+    config = with_(BASE, run={"token_budget": 8 * 64 * 8, "warmup_steps": 1, "measured_steps": 2})
+    plain = run_trial(config, cache_dir=cache)
+    ckpt = run_trial(with_(config, software={"activation_checkpointing": True}), cache_dir=cache)
+    other_seed = run_trial(with_(config, run={"seed": 1}), cache_dir=cache)
+    assert plain.status == ckpt.status == "ok"
+    assert ckpt.metrics["val_loss"] == pytest.approx(plain.metrics["val_loss"], abs=1e-5)
+    assert abs(other_seed.metrics["val_loss"] - plain.metrics["val_loss"]) > 1e-4  # the seed matters
+
+
+def test_short_budget_still_times_warmup_plus_measured_steps(cache: Path) -> None:
+    r = run_trial(with_(BASE, run={"token_budget": 8 * 64 * 3}), cache_dir=cache)
+    assert r.status == "ok"
+    assert (r.metrics["budget_steps"], r.metrics["train_steps"], r.metrics["tokens_trained"]) == (3, 6, 3 * 512)
+    assert len(r.loss_curve) == 3  # the curve covers the budget; the extra steps only time
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_runs(cache: Path, precision: str) -> None:
+    config = with_(BASE, precision={"precision": precision}, run={"token_budget": 8 * 64 * 6})
+    r = run_trial(config, cache_dir=cache)
+    assert r.status == "ok", r.reason
+    assert math.isfinite(r.metrics["val_loss"]) and r.metrics["val_loss"] < math.log(256) + 0.1
+
+
+def test_huge_learning_rate_diverges(cache: Path) -> None:
+    config = with_(BASE, optimizer={"learning_rate": 1e6, "grad_clip": 1e30, "warmup_fraction": 0.0})
+    r = run_trial(config, cache_dir=cache)
+    assert r.status == "diverged"
+    assert re.search(r"training loss became (nan|inf) at step \d+ of 40", r.reason), r.reason
+    assert not math.isfinite(r.loss_curve[-1][2]) and len(r.loss_curve) < 40  # stopped at once
+    json.dumps(r.to_dict(), allow_nan=False)  # NaN is encoded, the JSON stays strict
+
+
+def test_world_size_above_one_is_infeasible(cache: Path) -> None:
+    config = with_(BASE, parallel={"dp": 2}, batch={"grad_accum_steps": 1})
+    r = run_trial(config, cache_dir=cache)
+    assert r.status == "infeasible"
+    assert r.reason == "parallel layouts above one process are not run yet (world_size=2)"
+
+
+def test_inconsistent_batch_is_a_bug_with_every_value(cache: Path) -> None:
+    with pytest.raises(ValueError, match="micro_batch_size=4, grad_accum_steps=1, dp=1, fsdp=1, global_batch_size=8"):
+        run_trial(with_(BASE, batch={"grad_accum_steps": 1}), cache_dir=cache)
+
+
+def test_out_of_memory_is_a_result(cache: Path) -> None:
+    r = run_trial(with_(BASE, workload={"model": f"{__name__}:oom_workload"}), cache_dir=cache)
+    assert r.status == "oom"
+    assert "Tried to allocate 64.00 GiB" in r.error_tail and "OutOfMemoryError" in r.error_tail
+
+
+def test_profile_gives_top_ops_and_a_trace(cache: Path, tmp_path: Path) -> None:
+    config = with_(BASE, run={"profile": True, "token_budget": 8 * 64 * 4})
+    r = run_trial(config, cache_dir=cache, trace_dir=tmp_path / "traces")
+    assert r.status == "ok"
+    ops = r.profile_top_ops
+    assert 3 <= len(ops) <= 15
+    assert set(ops[0]) == {"name", "self_time_ms", "calls", "percent"}
+    assert any(op["name"] in ("aten::mm", "aten::addmm") for op in ops)
+    assert [op["self_time_ms"] for op in ops] == sorted((op["self_time_ms"] for op in ops), reverse=True)
+    assert 0 < sum(op["percent"] for op in ops) <= 100.0 + 1e-6
+    assert r.phase_seconds["profile"] > 0
+    assert r.trace_path == str(tmp_path / "traces" / "trace.json")
+    assert json.loads(Path(r.trace_path).read_text())["traceEvents"]
+
+
+# ---------------------------------------------------------------------------- python -m cotune.trial
+
+
+def _run_module(*args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cotune.trial", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_module_writes_a_result(cache: Path, tmp_path: Path) -> None:
+    config_path, result_path = tmp_path / "config.json", tmp_path / "result.json"
+    config_path.write_text(with_(BASE, run={"token_budget": 8 * 64 * 6}).to_json())
+    proc = _run_module(config_path, "--result", result_path, "--cache-dir", cache)
+    assert proc.returncode == 0, proc.stderr
+    r = TrialResult.load(result_path)
+    assert r.status == "ok" and r.metrics["val_loss"] < math.log(256) + 0.1
+    assert 0.05 < r.phase_seconds["start_and_import"] < 60  # the torch import, counted from process start
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_module_reports_a_users_error_with_exit_2(cache: Path, tmp_path: Path) -> None:
+    config_path, result_path = tmp_path / "config.json", tmp_path / "result.json"
+    config_path.write_text(with_(BASE, workload={"data": str(tmp_path / "missing.txt")}).to_json())
+    proc = _run_module(config_path, "--result", result_path, "--cache-dir", cache)
+    assert proc.returncode == 2
+    assert "missing.txt does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    assert not result_path.exists()
+    config_path.write_text('{"workload": {}}')
+    proc = _run_module(config_path, "--result", result_path, "--cache-dir", cache)
+    assert proc.returncode == 2 and "config.json: not a valid trial config" in proc.stderr
