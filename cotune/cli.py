@@ -8,6 +8,7 @@ so ``cotune --help`` starts fast.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import warnings
@@ -25,8 +26,17 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+
+
+def _console(stderr: bool = False) -> Console:
+    """Rich console; piped output (logs, CI) gets room for the wide tables instead of 80 columns."""
+    stream = sys.stderr if stderr else sys.stdout
+    wide = not stream.isatty() and "COLUMNS" not in os.environ
+    return Console(stderr=stderr, width=160 if wide else None)
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 
 class Sampler(str, Enum):
@@ -199,6 +209,8 @@ def _print_pareto(opt_study, objective_names) -> None:
     from cotune.study import distinct_configs, pareto_trials, rows
 
     front = rows(distinct_configs(pareto_trials(opt_study)))
+    # Fastest first: along a front, each row gives up throughput for lower loss.
+    front.sort(key=lambda r: -(r.metrics.get("tokens_per_second") or 0.0))
     if not front:
         console.print("no trial finished ok yet, so there is no Pareto set")
         return

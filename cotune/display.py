@@ -41,7 +41,7 @@ def fmt(value: Any) -> str:
 
 
 def fmt_bytes(n: float | None) -> str:
-    return "-" if n is None else f"{float(n) / 2**20:,.0f} MiB"
+    return "-" if n is None else f"{float(n) / 2**20:,.0f}M"
 
 
 def metric_cells(row: Row) -> list[str]:
