@@ -34,9 +34,16 @@ def test_search_budget_4_then_resume_trials_best_and_trial(tmp_path):
 
     again = run_cli("search", "--budget", "4", cwd=tmp_path)
     assert again.returncode == 0 and "budget of 4 is spent" in again.stdout
-    more = run_cli("search", "--budget", "5", cwd=tmp_path)
+    more = run_cli("search", "--budget", "5", "--profile", cwd=tmp_path)
     assert more.returncode == 0 and "running 1 more" in more.stdout
-    assert len(optuna.load_study(study_name="cpu-tiny-gpt", storage=f"sqlite:///{tmp_path / 'cotune.db'}").trials) == 5
+    study = optuna.load_study(study_name="cpu-tiny-gpt", storage=f"sqlite:///{tmp_path / 'cotune.db'}")
+    assert len(study.trials) == 5
+    profiled = study.trials[4].user_attrs
+    if profiled["status"] == "ok":  # the profiler's top ops and its Chrome trace as an Optuna artifact
+        assert profiled["profile_top_ops"] and {"name", "self_time_ms", "calls", "percent"} <= set(
+            profiled["profile_top_ops"][0])
+        artifact = tmp_path / "cotune-artifacts" / "cpu-tiny-gpt" / profiled["trace_artifact_id"]
+        assert artifact.stat().st_size > 1000
 
     listing = run_cli("trials", cwd=tmp_path)
     assert listing.returncode == 0 and "cpu-tiny-gpt: 5 trials" in listing.stdout
