@@ -165,3 +165,25 @@ def test_interrupted_trial_is_closed_and_not_counted(fingerprint, tmp_path):
     assert [t.user_attrs["status"] for t in trials] == ["interrupted"]
     assert trials[0].state == optuna.trial.TrialState.FAIL
     assert search.run_search(study, s, fake_trial).done == 3
+
+
+def test_trials_left_running_by_a_killed_search_are_closed(fingerprint, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    s = settings(fingerprint, tmp_path, budget=2)
+    study = open_study(tmp_path, s)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer exists, as after a search killed with SIGKILL
+    orphan = study.ask()
+    orphan.set_user_attr("host", socket.gethostname())
+    orphan.set_user_attr("search_pid", dead.pid)
+    alive = study.ask()  # another search on this host, still running: left alone
+    alive.set_user_attr("host", socket.gethostname())
+    alive.set_user_attr("search_pid", __import__("os").getpid())
+
+    assert search.fail_stale_trials(study) == 1
+    states = {t.number: (t.state, t.user_attrs.get("status")) for t in study.get_trials()}
+    assert states[orphan.number] == (optuna.trial.TrialState.FAIL, "interrupted")
+    assert states[alive.number] == (optuna.trial.TrialState.RUNNING, None)
