@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved1f1b")
 STATUSES = ("ok", "infeasible", "oom", "timeout", "crash", "diverged")
 
 
@@ -43,10 +44,14 @@ class BatchConfig:
 class ParallelConfig:
     """Degrees in torchtitan's naming: world = dp (replicate) * fsdp (shard) * tp * pp."""
 
-    dp: int = 1
-    fsdp: int = 1
-    tp: int = 1
-    pp: int = 1
+    dp: int = 1  # replicated data parallel (DDP, or the replicate dim of HSDP when fsdp > 1)
+    fsdp: int = 1  # fully sharded data parallel (FSDP2 fully_shard)
+    tp: int = 1  # tensor parallel: attention heads and MLP width split across ranks
+    pp: int = 1  # pipeline parallel: layers split into pp stages
+    sequence_parallel: bool = False  # with tp > 1: LayerNorm/dropout regions sharded along the sequence
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved1f1b
+    pp_microbatches: int = 1  # microbatches per pipeline step (>= pp for 1f1b schedules)
+    pp_virtual_stages: int = 1  # stages per pipeline rank (> 1 only for interleaved1f1b)
 
     @property
     def world_size(self) -> int:

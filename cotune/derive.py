@@ -39,6 +39,10 @@ DEFAULTS: dict[str, Any] = {
     "fsdp": 1,
     "tp": 1,
     "pp": 1,
+    "sequence_parallel": False,
+    "pp_schedule": "1f1b",
+    "pp_microbatches": 1,
+    "pp_virtual_stages": 1,
 }
 
 
@@ -101,7 +105,11 @@ def build_config(
             seq_len=w.seq_len, vocab_size=vocab_size, data=w.data,
         ),
         batch=BatchConfig(micro_batch_size=micro, global_batch_size=v["global_batch_size"], grad_accum_steps=grad_accum),
-        parallel=ParallelConfig(dp=dp, fsdp=v["fsdp"], tp=v["tp"], pp=v["pp"]),
+        parallel=ParallelConfig(
+            dp=dp, fsdp=v["fsdp"], tp=v["tp"], pp=v["pp"], sequence_parallel=v["sequence_parallel"] and v["tp"] > 1,
+            pp_schedule=v["pp_schedule"], pp_microbatches=v["pp_microbatches"] if v["pp"] > 1 else 1,
+            pp_virtual_stages=v["pp_virtual_stages"] if v["pp"] > 1 else 1,
+        ),
         precision=PrecisionConfig(precision=v["precision"]),
         optimizer=OptimizerConfig(
             learning_rate=v["learning_rate"], warmup_fraction=v["warmup_fraction"],

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cotune import constraints
-from cotune.config import PRECISIONS
+from cotune.config import PP_SCHEDULES, PRECISIONS
 from cotune.errors import UserError
 
 
@@ -47,6 +47,10 @@ KNOBS: dict[str, Knob] = {
     "fsdp": Knob("parallel", int, low=1),
     "tp": Knob("parallel", int, low=1),
     "pp": Knob("parallel", int, low=1),
+    "sequence_parallel": Knob("parallel", bool),
+    "pp_schedule": Knob("parallel", str, values=PP_SCHEDULES),
+    "pp_microbatches": Knob("parallel", int, low=1),
+    "pp_virtual_stages": Knob("parallel", int, low=1),
 }
 # Values computed from the knobs, never sampled; constraints may read them.
 DERIVED = ("dp", "grad_accum_steps", "world_size")
