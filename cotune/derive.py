@@ -136,13 +136,35 @@ def check(config: TrialConfig, space: SearchSpace) -> str:
             used = ", ".join(f"{n}={values[n]}" for n in sorted(constraints.names(c.expr)))
             why = f" ({c.why})" if c.why else ""
             return f"{c.expr} must hold{why}, but got {used}"
-    if config.parallel.world_size > 1:
-        return (
-            f"parallel layouts above one process are not run yet, but got world_size="
-            f"{config.parallel.world_size} (dp={config.parallel.dp}, fsdp={config.parallel.fsdp}, "
-            f"tp={config.parallel.tp}, pp={config.parallel.pp})"
-        )
-    return ""
+    return _layout_rule(config)
+
+
+def _layout_rule(config: TrialConfig) -> str:
+    """Rules every parallel layout must meet, whatever the space declares; '' if it does."""
+    par, w, b = config.parallel, config.workload, config.batch
+    stages = par.pp * par.pp_virtual_stages
+    rules = [
+        (w.n_head % par.tp == 0 and (4 * w.n_embd) % par.tp == 0,
+         f"n_head % tp == 0 and 4 * n_embd % tp == 0 must hold, but got n_head={w.n_head}, n_embd={w.n_embd}, tp={par.tp}"),
+        (w.n_layer % stages == 0,
+         f"n_layer % (pp * pp_virtual_stages) == 0 must hold, but got n_layer={w.n_layer}, pp={par.pp}, "
+         f"pp_virtual_stages={par.pp_virtual_stages}"),
+        (par.pp == 1 or b.micro_batch_size % par.pp_microbatches == 0,
+         f"micro_batch_size % pp_microbatches == 0 must hold, but got micro_batch_size={b.micro_batch_size}, "
+         f"pp_microbatches={par.pp_microbatches}"),
+        (par.pp == 1 or par.pp_schedule == "gpipe" or par.pp_microbatches >= par.pp,
+         f"pp_microbatches >= pp must hold for {par.pp_schedule}, but got pp_microbatches={par.pp_microbatches}, pp={par.pp}"),
+        (par.pp == 1 or (par.pp_schedule == "interleaved1f1b") == (par.pp_virtual_stages > 1),
+         f"pp_virtual_stages > 1 exactly when pp_schedule is interleaved1f1b, but got "
+         f"pp_schedule={par.pp_schedule}, pp_virtual_stages={par.pp_virtual_stages}"),
+        (par.pp == 1 or par.pp_schedule != "interleaved1f1b" or par.pp_microbatches % par.pp == 0,
+         f"pp_microbatches % pp == 0 must hold for interleaved1f1b, but got pp_microbatches={par.pp_microbatches}, pp={par.pp}"),
+        (par.world_size == 1 or config.precision.precision != "fp16",
+         "fp16 loss scaling across processes is not run yet, but got precision=fp16 with world_size="
+         f"{par.world_size}"),
+        (not par.sequence_parallel, "sequence parallel is not run yet, but got sequence_parallel=True"),
+    ]
+    return next((reason for ok, reason in rules if not ok), "")
 
 
 def _workload_values(config: TrialConfig) -> dict[str, Any]:

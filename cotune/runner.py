@@ -42,10 +42,17 @@ def trial_argv(
     *,
     trace_dir: Path | None = None,
     cache_dir: Path | None = None,
+    world_size: int = 1,
 ) -> list[str]:
-    """The command that runs one single-process trial: ``python -m cotune.trial CONFIG --result RESULT``."""
-    # The one place a trial's command line is built; multi-rank trials (torchrun) swap it here.
-    argv = [sys.executable, "-m", "cotune.trial", str(config_path), "--result", str(result_path)]
+    """The command that runs one trial: ``python -m cotune.trial CONFIG --result RESULT``.
+
+    With ``world_size`` > 1 the same module runs under torchrun, one process per rank,
+    all in the trial's one process tree.
+    """
+    launcher = [sys.executable]
+    if world_size > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc-per-node={world_size}"]
+    argv = [*launcher, "-m", "cotune.trial", str(config_path), "--result", str(result_path)]
     if trace_dir is not None:
         argv += ["--trace-dir", str(trace_dir)]
     if cache_dir is not None:
@@ -70,7 +77,8 @@ def run_trial(
     config_path = trial_dir / "config.json"
     config_path.write_text(config.to_json())
     result_path = trial_dir / "result.json"
-    argv = trial_argv(config_path, result_path, trace_dir=trial_dir if trace else None, cache_dir=cache_dir)
+    argv = trial_argv(config_path, result_path, trace_dir=trial_dir if trace else None, cache_dir=cache_dir,
+                      world_size=config.parallel.world_size)
     return run_process(
         argv,
         result_path=result_path,
@@ -113,6 +121,8 @@ def run_process(
     result_path, log_path = Path(result_path), Path(log_path)
     # A result left by an earlier run in the same place must not pass for this run's.
     result_path.unlink(missing_ok=True)
+    for stale in _rank_results(result_path):
+        stale.unlink(missing_ok=True)
     child_env = dict(os.environ if env is None else env)
     child_env.setdefault("PYTHONUNBUFFERED", "1")  # the log tail is current even when we kill it
     child_env.setdefault("PYTHONFAULTHANDLER", "1")  # a segfault still leaves a Python traceback
@@ -152,6 +162,11 @@ def run_process(
         _kill_tree_even_if_interrupted(proc, seen, kill_grace_s)
 
     result, result_error = _load_result(result_path)
+    if result is None and result_error is None:
+        # Under torchrun a rank other than 0 that classified its own failure (out of memory)
+        # writes result.rankN.json and exits, which ends the job: its result speaks for the trial.
+        for other in _rank_results(result_path)[:1]:
+            result, result_error = _load_result(other)
     out = classify(
         proc.returncode,
         result,
@@ -162,6 +177,10 @@ def run_process(
     )
     out.phase_seconds["process_wall"] = wall
     return out
+
+
+def _rank_results(result_path: Path) -> list[Path]:
+    return sorted(result_path.parent.glob(f"{result_path.stem}.rank*{result_path.suffix}"))
 
 
 def _wait(proc: subprocess.Popen, deadline: float, seen: set[psutil.Process]) -> bool:

@@ -41,7 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"cotune trial: error: {e}", file=sys.stderr)
         return 2
-    result.save(args.result)
+    # Under torchrun every rank runs this; rank 0 speaks for the trial. Another rank that
+    # classified its own failure (out of memory) leaves its result beside rank 0's and exits
+    # non-zero, so torchrun stops the ranks waiting on it instead of letting them hang.
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        result.save(args.result)
+    elif result.status != "ok":
+        result.save(args.result.with_name(f"{args.result.stem}.rank{rank}.json"))
+        return 1
     return 0
 
 

@@ -32,17 +32,21 @@ class CausalSelfAttention(nn.Module):
             raise ValueError(
                 f"n_embd % n_head == 0 must hold, but got n_embd={cfg.n_embd}, n_head={cfg.n_head}"
             )
-        self.n_head = cfg.n_head
-        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)  # q, k, v for all heads in one matmul
+        self.head_dim = cfg.n_embd // cfg.n_head
+        # Separate q, k, v projections (not one fused qkv matrix) so tensor parallelism can
+        # split each column-wise into whole heads.
+        self.q = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.k = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.v = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
-        # (B, T, C) -> (B, H, T, C/H): heads become a batch dimension
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, C/H), flash where available
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+        B, T, _ = x.shape
+        # (B, T, C) -> (B, H, T, D): heads become a batch dimension. H is read from the tensor,
+        # not the config: under tensor parallelism each rank holds H / tp heads.
+        q, k, v = (p(x).view(B, T, -1, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D), flash where available
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # heads side by side again
         return self.proj(y)
 
 
@@ -108,12 +112,21 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())  # parameters() yields the tied matrix once
         return n - self.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        B, T = idx.shape
-        if T > self.cfg.seq_len:
-            raise ValueError(f"sequence length T <= seq_len must hold, but got T={T}, seq_len={self.cfg.seq_len}")
-        pos = torch.arange(T, device=idx.device)  # (T,)
-        x = self.wte(idx) + self.wpe(pos)  # (B, T, C) + (T, C) broadcast
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, V).
+
+        A pipeline stage is this module with the parts it does not own set to None
+        (``cotune.trial.parallelize``): without ``wte`` the input is the previous stage's
+        hidden states (B, T, C); without ``lm_head`` the output is hidden states too.
+        """
+        if self.wte is not None:
+            T = x.shape[1]
+            if T > self.cfg.seq_len:
+                raise ValueError(f"sequence length T <= seq_len must hold, but got T={T}, seq_len={self.cfg.seq_len}")
+            pos = torch.arange(T, device=x.device)  # (T,)
+            x = self.wte(x) + self.wpe(pos)  # (B, T, C) + (T, C) broadcast
         for block in self.blocks:
             x = block(x)  # (B, T, C)
-        return self.lm_head(self.ln_f(x))  # (B, T, V)
+        if self.lm_head is not None:
+            x = self.lm_head(self.ln_f(x))  # (B, T, V)
+        return x

@@ -23,6 +23,7 @@ import torch
 # torch.optim imports torch._dynamo when the first optimizer is built (~1.5 s on a small CPU);
 # importing it here, with torch, counts that fixed cost in start_and_import, not in model_build.
 import torch._dynamo  # noqa: F401
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -30,7 +31,9 @@ from cotune import hardware
 from cotune.config import PRECISIONS, OptimizerConfig, TrialConfig, TrialResult
 from cotune.data import open_splits, prepare_data
 from cotune.errors import UserError
-from cotune.trial import measure
+from cotune.trial import distributed, measure
+from cotune.trial.distributed import Dist
+from cotune.trial.parallelize import Parallel, clip_grad_norm, parallelize, sync_tied_grads
 from cotune.trial.workloads import apply_activation_checkpointing, build_model
 
 MAX_CURVE_POINTS = 200
@@ -52,8 +55,9 @@ def run_trial(
     reason = infeasible_reason(config)
     if reason:
         return TrialResult("infeasible", reason=reason, phase_seconds=phases)
+    d = distributed.init(config)
     try:
-        return _run(config, Path(cache_dir), trace_dir, phases)
+        return _run(config, d, Path(cache_dir), trace_dir if d.rank == 0 else None, phases)
     except Exception as e:  # MemoryError and torch.OutOfMemoryError are Exceptions too
         if not measure.is_oom(e):
             raise
@@ -62,8 +66,10 @@ def run_trial(
             "oom",
             phase_seconds=phases,
             error_tail="\n".join(tail),
-            reason=f"out of memory: {type(e).__name__}",
+            reason=f"out of memory: {type(e).__name__}" + (f" on rank {d.rank}" if d.world_size > 1 else ""),
         )
+    finally:
+        distributed.shutdown(d)
 
 
 def infeasible_reason(config: TrialConfig) -> str:
@@ -86,11 +92,16 @@ def infeasible_reason(config: TrialConfig) -> str:
             f"measured_steps={run.measured_steps}, warmup_steps={run.warmup_steps}, "
             f"token_budget={run.token_budget}, eval_tokens={run.eval_tokens}"
         )
-    if par.world_size > 1:
-        return f"parallel layouts above one process are not run yet (world_size={par.world_size})"
+    if par.world_size > 1 and precision == "fp16":
+        return "fp16 loss scaling across processes is not run yet (the scaler's overflow skip must agree on every rank)"
+    if par.sequence_parallel:
+        return "sequence parallel is not run yet"
     if run.device == "cuda":
         if not torch.cuda.is_available():
             return "device cuda was asked for, but torch sees no CUDA device here"
+        if torch.cuda.device_count() < par.world_size:
+            return (f"world_size <= GPU count must hold, but got world_size={par.world_size}, "
+                    f"GPUs={torch.cuda.device_count()}")
         major, minor = torch.cuda.get_device_capability()
         if precision == "bf16" and major < 8:
             return f"bf16 needs a GPU of CUDA capability 8.0 or newer, but this one is {major}.{minor}"
@@ -110,16 +121,17 @@ def learning_rate_at(step: int, opt: OptimizerConfig, budget_steps: int) -> floa
 
 
 class _Trainer:
-    """Model, optimizer, loss scaler and batch sampler: one call of ``step`` is one optimizer step."""
+    """Model (as this rank holds it), optimizer, loss scaler and batches: ``step`` is one optimizer step."""
 
-    def __init__(self, config: TrialConfig, model: nn.Module, train_tokens: np.ndarray) -> None:
+    def __init__(self, config: TrialConfig, par: Parallel, d: Dist, train_tokens: np.ndarray) -> None:
         self.config = config
-        self.device = torch.device(config.run.device)
-        self.model = model
+        self.d = d
+        self.device = d.device
+        self.par = par
         self.tokens = train_tokens
         self.rng = np.random.default_rng(config.run.seed)  # the batch order; apart from torch's init RNG
         opt = config.optimizer
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = [p for p in par.parameters() if p.requires_grad]
         self.params = params
         self.optimizer = torch.optim.AdamW(
             [
@@ -129,7 +141,7 @@ class _Trainer:
             ],
             lr=opt.learning_rate,
             betas=(opt.adam_beta1, opt.adam_beta2),
-            fused=self.device.type == "cuda",
+            fused=self.device.type == "cuda" and d.world_size == 1,
         )
         precision = config.precision.precision
         # fp16's narrow range needs dynamic loss scaling; disabled, the scaler is a pass-through.
@@ -140,58 +152,136 @@ class _Trainer:
             else contextlib.nullcontext
         )
 
-    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """micro_batch_size random windows: inputs and next-token targets, each (B, T) int64."""
-        B, T = self.config.batch.micro_batch_size, self.config.workload.seq_len
-        starts = self.rng.integers(0, len(self.tokens) - T, size=B)  # window needs T + 1 tokens
-        xy = torch.from_numpy(self.tokens[starts[:, None] + np.arange(T + 1)].astype(np.int64))  # (B, T+1)
+    def windows(self, starts: np.ndarray, tokens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and next-token targets, each (B, T) int64, for windows starting at ``starts``."""
+        T = self.config.workload.seq_len
+        xy = torch.from_numpy(tokens[starts[:, None] + np.arange(T + 1)].astype(np.int64))  # (B, T+1)
         if self.device.type == "cuda":
             xy = xy.pin_memory().to(self.device, non_blocking=True)
         return xy[:, :-1], xy[:, 1:]
 
+    def step_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's micro batches for one step.
+
+        The whole global batch of window starts is drawn on every rank from the same seeded
+        generator, and each data-parallel rank takes its own contiguous slice, so any layout
+        trains on exactly the tokens one process would.
+        """
+        b, T = self.config.batch, self.config.workload.seq_len
+        starts = self.rng.integers(0, len(self.tokens) - T, size=b.global_batch_size)  # a window needs T + 1
+        local = b.micro_batch_size * b.grad_accum_steps
+        mine = starts[self.d.dp_index * local:(self.d.dp_index + 1) * local]
+        return [self.windows(mine[k * b.micro_batch_size:(k + 1) * b.micro_batch_size], self.tokens)
+                for k in range(b.grad_accum_steps)]
+
     def loss(self, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         with self.autocast():
-            logits = self.model(x)  # (B, T, V)
-        # Cross-entropy in fp32 whatever the compute precision: a softmax over V in bf16 loses the loss.
-        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction=reduction)
+            logits = self.par.modules[0](x)  # (B, T, V)
+        return _cross_entropy(logits, y, reduction)
 
     def step(self, lr: float) -> torch.Tensor:
-        """One optimizer step over grad_accum_steps micro batches; returns their mean loss (a 0-d tensor)."""
+        """One optimizer step over grad_accum_steps micro batches; returns their mean loss (a 0-d tensor).
+
+        With several ranks the returned loss is the mean over data-parallel ranks, taken
+        from the last pipeline stage, and identical on every rank.
+        """
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         accum = self.config.batch.grad_accum_steps
         total = torch.zeros((), device=self.device)
-        for _ in range(accum):
-            x, y = self.batch()
-            loss = self.loss(x, y)
-            total = total + loss.detach()
-            self.scaler.scale(loss / accum).backward()
+        for x, y in self.step_batches():
+            if self.par.schedule is None:
+                loss = self.loss(x, y)
+                total = total + loss.detach()
+                self.scaler.scale(loss / accum).backward()
+            else:
+                total = total + self._pipeline_step(x, y) * accum
         self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
-        nn.utils.clip_grad_norm_(self.params, self.config.optimizer.grad_clip)
+        if self.d.world_size == 1:
+            nn.utils.clip_grad_norm_(self.params, self.config.optimizer.grad_clip)
+        else:
+            sync_tied_grads(self.par)
+            clip_grad_norm(self.par, self.config.optimizer.grad_clip, self.d)
         self.scaler.step(self.optimizer)  # skipped by the scaler if fp16 gradients overflowed
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return total / accum
+        mean = total / accum
+        if self.d.world_size > 1:
+            mean = torch.tensor(self.d.loss_mean(mean.item()))
+        return mean
+
+    def _pipeline_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of one micro batch through the pipeline schedule.
+
+        The schedule splits it into pp_microbatches; the loss function divides each one's
+        mean by pp_microbatches * grad_accum_steps, so the gradients sum to the micro
+        batch's mean. Returns this rank's mean loss / accum (0 off the last stage).
+        """
+        losses: list[torch.Tensor] = []
+        args = (x,) if self.par.has_first else ()
+        target = y if self.par.has_last else None
+        with self.autocast():
+            self.par.schedule.step(*args, target=target, losses=losses)
+        if not losses:
+            return torch.zeros((), device=self.device)
+        return torch.stack([t.detach().float() for t in losses]).sum()
 
     @torch.no_grad()
     def evaluate(self, val_tokens: np.ndarray) -> float:
-        """Mean cross-entropy over fixed, evenly spaced seq_len windows of the val split (nats/token)."""
+        """Mean cross-entropy over fixed, evenly spaced seq_len windows of the val split (nats/token).
+
+        Every data-parallel rank evaluates all windows (the same set in every layout); with
+        pp > 1 the hidden states travel stage to stage by point-to-point sends.
+        """
         run, T = self.config.run, self.config.workload.seq_len
         starts = measure.eval_window_starts(len(val_tokens), T, run.eval_tokens)
-        self.model.eval()
+        for m in self.par.modules:
+            m.eval()
         total, count = 0.0, 0
         for i in range(0, len(starts), self.config.batch.micro_batch_size):
-            rows = starts[i : i + self.config.batch.micro_batch_size]
-            xy = torch.from_numpy(val_tokens[rows[:, None] + np.arange(T + 1)].astype(np.int64)).to(self.device)
-            total += self.loss(xy[:, :-1], xy[:, 1:], reduction="sum").item()
-            count += xy[:, 1:].numel()
-        self.model.train()
-        return total / count
+            x, y = self.windows(starts[i : i + self.config.batch.micro_batch_size], val_tokens)
+            if self.par.schedule is None:
+                total += self.loss(x, y, reduction="sum").item()
+            else:
+                total += self._pipeline_forward_loss(x, y)
+            count += y.numel()
+        for m in self.par.modules:
+            m.train()
+        return self.d.loss_mean(total / count) if self.d.world_size > 1 else total / count
+
+    def _pipeline_forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Summed loss of one batch through the stages in order (0 on ranks off the last stage)."""
+        group, pp = self.d.group("pp"), self.d.pp_size
+        hidden = (x.shape[0], x.shape[1], self.config.workload.n_embd)
+        out = 0.0
+        for stage in range(self.par.num_stages):
+            if stage not in self.par.stage_ids:
+                continue
+            module = self.par.modules[self.par.stage_ids.index(stage)]
+            if stage == 0:
+                inp = x
+            else:
+                inp = torch.empty(hidden, dtype=torch.float32, device=self.device)
+                dist.recv(inp, group=group, group_src=(stage - 1) % pp)
+            with self.autocast():
+                h = module(inp)
+            if stage < self.par.num_stages - 1:
+                dist.send(h.float().contiguous(), group=group, group_dst=(stage + 1) % pp)
+            else:
+                out = _cross_entropy(h, y, "sum").item()
+        return out
 
 
-def _run(config: TrialConfig, cache_dir: Path, trace_dir: Path | None, phases: dict[str, float]) -> TrialResult:
+def _cross_entropy(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    # Cross-entropy in fp32 whatever the compute precision: a softmax over V in bf16 loses the loss.
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction=reduction)
+
+
+def _run(
+    config: TrialConfig, d: Dist, cache_dir: Path, trace_dir: Path | None, phases: dict[str, float]
+) -> TrialResult:
     run, wl = config.run, config.workload
-    device = torch.device(run.device)
+    device = d.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     t = time.perf_counter()
@@ -205,17 +295,22 @@ def _run(config: TrialConfig, cache_dir: Path, trace_dir: Path | None, phases: d
     phases["data"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    torch.manual_seed(run.seed)  # weights; on CUDA this seeds every device too
+    torch.manual_seed(run.seed)  # weights: every rank builds the same full model, then takes its part
     model = build_model(wl)
     n_params = model.n_params() if hasattr(model, "n_params") else sum(p.numel() for p in model.parameters())
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # the peak from here on: weights, activations, optimizer state
     model.to(device)
-    if config.software.activation_checkpointing:
-        apply_activation_checkpointing(model)  # before compile, so compile traces the wrapped blocks
-    if config.software.compile:
-        model = torch.compile(model)  # compiles lazily: the cost lands in the warm-up steps
-    trainer = _Trainer(config, model, train_tokens)
+    if d.world_size == 1:
+        if config.software.activation_checkpointing:
+            apply_activation_checkpointing(model)  # before compile, so compile traces the wrapped blocks
+        if config.software.compile:
+            model = torch.compile(model)  # compiles lazily: the cost lands in the warm-up steps
+        par = Parallel(modules=[model], stage_ids=[0], num_stages=1)
+    else:
+        scale = config.batch.grad_accum_steps * (config.parallel.pp_microbatches if config.parallel.pp > 1 else 1)
+        par = parallelize(model, config, d, loss_fn=lambda out, tgt: _cross_entropy(out, tgt) / scale)
+    trainer = _Trainer(config, par, d, train_tokens)
     phases["model_build"] = time.perf_counter() - t
 
     tokens_per_step = config.batch.global_batch_size * wl.seq_len
@@ -259,6 +354,9 @@ def _run(config: TrialConfig, cache_dir: Path, trace_dir: Path | None, phases: d
             phases["rest_and_eval"] += time.perf_counter() - t
 
     peak_memory, memory_source = measure.peak_memory(device)
+    if d.world_size > 1:  # the slowest rank sets the pace; the fullest rank sets the memory need
+        *step_times, peak_memory = d.max([*step_times, float(peak_memory)])
+        peak_memory = int(peak_memory)
     tokens_per_second = len(step_times) * tokens_per_step / sum(step_times)
     t = time.perf_counter()
     achieved = flops_per_token * tokens_per_second / config.parallel.world_size  # per device
