@@ -99,6 +99,7 @@ def search(
     seed: int | None = typer.Option(None, help="Sampler and training seed (default: random sampler, trial number as training seed)."),
     runs_dir: Path = typer.Option(Path("cotune-runs"), help="Where each trial's folder (config, result, log) goes."),
     allow_mixed_hardware: bool = typer.Option(False, help="Let a study hold trials from different machines."),
+    report: bool = typer.Option(False, "--report", help="Write the HTML report (reports/<study>.html) when the search ends."),
 ) -> None:
     """Run real, measured training trials until the study holds BUDGET of them."""
     _quiet_optuna()
@@ -149,6 +150,8 @@ def search(
             f"raise --budget to add more (e.g. --budget {progress.done + 10})"
         )
         _print_pareto(opt_study, objective_names)
+        if report:
+            _write_report(opt_study, None)
         return
     console.print(
         f"study [bold]{name}[/] in {storage}: {progress.done} trials so far, running {budget - progress.done} more "
@@ -165,6 +168,8 @@ def search(
                           "run the same command again to resume")
         raise typer.Exit(130) from None
     _print_pareto(opt_study, objective_names)
+    if report:
+        _write_report(opt_study, None)
 
 
 def _run_with_progress(opt_study, settings, run_fn) -> None:
@@ -248,6 +253,58 @@ def best(
     _print_pareto(opt_study, objectives_of(opt_study))
 
 
+@app.command("report")
+def report_cmd(
+    study: str | None = typer.Option(None, help="Study name (default: the storage's only study)."),
+    storage: str = typer.Option("sqlite:///cotune.db", help=STORAGE_HELP),
+    output: Path | None = typer.Option(None, "-o", "--output", help="HTML file to write (default: reports/<study>.html)."),
+    summary: bool = typer.Option(False, "--summary", help="Print the key table in the terminal; write HTML only if -o is given too."),
+) -> None:
+    """Write the study's report: one self-contained HTML file that opens offline."""
+    _quiet_optuna()
+    from cotune.study import load
+
+    _check_storage_url(storage)
+    _check_database_exists(storage)
+    opt_study = load(storage, study)
+    if summary:
+        from cotune.report import report_info
+        from cotune.report.summary import print_summary
+
+        info = report_info(opt_study)
+        print_summary(info, console)
+        if output is not None:
+            _write_report(opt_study, output, info)
+        return
+    _write_report(opt_study, output)
+
+
+def _check_database_exists(url: str) -> None:
+    """Reading commands must not create an empty SQLite file where the user mistyped a path."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    db = parsed.database
+    if parsed.get_backend_name() == "sqlite" and db and db != ":memory:" and not Path(db).expanduser().exists():
+        raise UserError(f"--storage {url!r}: there is no database file {db}; run `cotune search` first "
+                        "or point --storage at an existing study")
+
+
+def _write_report(opt_study, output: Path | None, info=None) -> None:
+    """Compute (unless given) and write the HTML report; the default path is reports/<study>.html."""
+    import re
+
+    from cotune.report import report_info
+    from cotune.report.render import write_report
+
+    info = info if info is not None else report_info(opt_study)
+    # A study name may hold characters a file name should not (a slash would make a folder).
+    path = output or Path("reports") / (re.sub(r"[^\w.-]+", "_", opt_study.study_name) + ".html")
+    write_report(info, path)
+    console.print(f"report written to {_short(path.resolve())} ({len(info.picks)} Pareto configs, "
+                  f"{len(info.frame)} trials); open it in a browser, it needs no network")
+
+
 @app.command("trial")
 def trial_cmd(
     config_path: Path = typer.Argument(..., metavar="CONFIG.json", help="A TrialConfig JSON (as in a trial folder)."),
@@ -283,6 +340,47 @@ def trial_cmd(
             console.print(result.error_tail, markup=False, highlight=False)
         raise typer.Exit(1)
     console.print(f"trial folder: {trial_dir}")
+
+
+@app.command("export")
+def export_cmd(
+    fmt: str = typer.Option(..., "--format", help="json, hf, lightning, deepspeed, torchtitan, torchtitan-toml, "
+                               "accelerate, megatron (or package.module:function)."),
+    pick: str = typer.Option("knee", help="knee | fastest | lowest-loss | lowest-memory | trial:N (an ok trial)."),
+    study: str | None = typer.Option(None, help="Study name (default: the storage's only study)."),
+    storage: str = typer.Option("sqlite:///cotune.db", help=STORAGE_HELP),
+    output: Path | None = typer.Option(None, "--output", "-o", help="File (or folder) to write; default: stdout."),
+) -> None:
+    """Write one config of the study (a Pareto point by default) for a trainer; never runs training."""
+    _quiet_optuna()
+    from cotune import export as exporters
+    from cotune.export.pick import open_study, pick_trial
+
+    exporter = exporters.get_exporter(fmt)  # a bad --format fails before the study is read
+    if output is not None and not output.is_dir() and not output.parent.is_dir():
+        raise UserError(f"--output {output}: the folder {output.parent} does not exist")
+    opt_study = open_study(storage, study)
+    picked = pick_trial(opt_study, pick)
+    exported = exporter(picked.config)
+
+    def say(text: str) -> None:
+        err_console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    shown = ", ".join(f"{k} {picked.metrics[k]:.4g}" for k in ("tokens_per_second", "val_loss", "peak_memory_bytes")
+                      if isinstance(picked.metrics.get(k), (int, float)))
+    say(f"trial {picked.number} of study {opt_study.study_name!r}, {picked.why}: {shown}")
+    if picked.filled:
+        say(f"note: trial {picked.number} was recorded before {', '.join(picked.filled)} existed; "
+            "their defaults are used")
+    for item in exported.unexpressed:
+        say(f"warning: {fmt} cannot express {item}")
+    if output is None:
+        sys.stdout.write(exported.text)
+        return
+    if output.is_dir():
+        output = output / f"{opt_study.study_name}-trial-{picked.number:04d}-{fmt}{exported.suffix}"
+    output.write_text(exported.text)
+    say(f"wrote {output}")
 
 
 @app.command()

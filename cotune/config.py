@@ -130,6 +130,7 @@ class TrialConfig:
         out: dict[str, Any] = {}
         for section in (self.batch, self.parallel, self.precision, self.optimizer, self.software):
             out.update(dataclasses.asdict(section))
+        out["world_size"] = self.parallel.world_size
         return out
 
 

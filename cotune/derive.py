@@ -1,9 +1,12 @@
 """From sampled knob values to a TrialConfig, and whether it may be launched.
 
 Dependent knobs are derived so that most infeasible configs cannot be expressed:
-``dp = world_size / (fsdp * tp * pp)``, the micro batch is capped at the global
-batch per data-parallel rank, ``grad_accum_steps = global / (micro * dp)``. What
-cannot be made structural is a YAML constraint, checked here before launch.
+the degrees are fitted to the world size (tp, then pp, then fsdp, each cut to a
+divisor of what is left) and ``dp = world_size / (fsdp * tp * pp)``; the micro batch
+is capped at the global batch per data-parallel rank and ``grad_accum_steps = global
+/ (micro * dp * fsdp)``; virtual pipeline stages exist only for the interleaved
+schedule. What cannot be made structural is a YAML constraint or a layout rule,
+checked here before launch.
 """
 
 from __future__ import annotations
@@ -81,15 +84,22 @@ def build_config(
     seed: int = 0,
     profile: bool = False,
 ) -> tuple[TrialConfig | None, str]:
-    """Derive a TrialConfig, or return ``(None, reason)`` when it is infeasible."""
+    """Derive a TrialConfig and say why it is infeasible ('' when it may be launched).
+
+    The config is None only when none can be built at all.
+    """
     v = {**DEFAULTS, **knob_values}
-    inner = v["fsdp"] * v["tp"] * v["pp"]
-    if world_size % inner:
-        return None, (
-            f"world_size % (fsdp * tp * pp) == 0 must hold, but got world_size={world_size}, "
-            f"fsdp={v['fsdp']}, tp={v['tp']}, pp={v['pp']}"
-        )
-    dp = world_size // inner
+    world = v.get("world_size", world_size)
+    if world > world_size:
+        return None, f"world_size <= the processes this hardware gives a trial must hold, but got world_size={world}, nproc={world_size}"
+    # The layout is made to tile the world: each degree, in turn, is cut to the largest divisor
+    # of what is left (tp innermost, then pp, then fsdp), and dp takes the rest. So a sampled
+    # tp=2 in a one-process trial runs (and is recorded) as tp=1 rather than being infeasible.
+    tp = _fit(v["tp"], world)
+    pp = _fit(v["pp"], world // tp)
+    fsdp = _fit(v["fsdp"], world // (tp * pp))
+    dp = world // (tp * pp * fsdp)
+    v.update(tp=tp, pp=pp, fsdp=fsdp)
     data_parallel = dp * v["fsdp"]
     if v["global_batch_size"] < data_parallel:
         return None, (
@@ -107,8 +117,10 @@ def build_config(
         batch=BatchConfig(micro_batch_size=micro, global_batch_size=v["global_batch_size"], grad_accum_steps=grad_accum),
         parallel=ParallelConfig(
             dp=dp, fsdp=v["fsdp"], tp=v["tp"], pp=v["pp"], sequence_parallel=v["sequence_parallel"] and v["tp"] > 1,
-            pp_schedule=v["pp_schedule"], pp_microbatches=v["pp_microbatches"] if v["pp"] > 1 else 1,
-            pp_virtual_stages=v["pp_virtual_stages"] if v["pp"] > 1 else 1,
+            pp_schedule=v["pp_schedule"], pp_microbatches=_microbatches(v) if v["pp"] > 1 else 1,
+            # Virtual stages exist only in the interleaved schedule, which needs at least two.
+            pp_virtual_stages=(max(2, v["pp_virtual_stages"]) if v["pp_schedule"] == "interleaved1f1b" else 1)
+            if v["pp"] > 1 else 1,
         ),
         precision=PrecisionConfig(precision=v["precision"]),
         optimizer=OptimizerConfig(
@@ -123,13 +135,26 @@ def build_config(
             eval_tokens=space.trial.eval_tokens, timeout_s=space.trial.timeout_s, seed=seed, profile=profile,
         ),
     )
-    reason = check(config, space)
-    return (None, reason) if reason else (config, "")
+    return config, check(config, space)
+
+
+def _microbatches(v: dict[str, Any]) -> int:
+    """1F1B schedules need at least pp microbatches to fill the pipeline (a multiple of pp
+    when interleaved); GPipe takes any count."""
+    n, pp = v["pp_microbatches"], v["pp"]
+    if v["pp_schedule"] == "gpipe":
+        return n
+    return max(n, pp) if v["pp_schedule"] == "1f1b" else -(-max(n, pp) // pp) * pp
+
+
+def _fit(requested: int, available: int) -> int:
+    """The largest divisor of ``available`` that is at most ``requested``."""
+    return max(d for d in range(1, min(requested, available) + 1) if available % d == 0)
 
 
 def check(config: TrialConfig, space: SearchSpace) -> str:
     """The first declared constraint the config breaks, as a sentence with every value; '' if none."""
-    values = {**config.flat(), **_workload_values(config), "world_size": config.parallel.world_size}
+    values = {**config.flat(), **_workload_values(config)}
     values["grad_accum_steps"] = config.batch.grad_accum_steps
     for c in space.constraints:
         if not constraints.evaluate(c.expr, values):

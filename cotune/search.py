@@ -237,7 +237,7 @@ def run_search(
         )
         on_start(trial.number, config)
         try:
-            if config is None:
+            if reason:
                 result = TrialResult(status="infeasible", reason=reason)
             else:
                 result = run_fn(config, settings.runs_dir / f"trial-{trial.number:04d}")

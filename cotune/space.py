@@ -44,6 +44,7 @@ KNOBS: dict[str, Knob] = {
     "grad_clip": Knob("optimizer", float, low=0),
     "activation_checkpointing": Knob("software", bool),
     "compile": Knob("software", bool),
+    "world_size": Knob("parallel", int, low=1),
     "fsdp": Knob("parallel", int, low=1),
     "tp": Knob("parallel", int, low=1),
     "pp": Knob("parallel", int, low=1),
@@ -53,7 +54,7 @@ KNOBS: dict[str, Knob] = {
     "pp_virtual_stages": Knob("parallel", int, low=1),
 }
 # Values computed from the knobs, never sampled; constraints may read them.
-DERIVED = ("dp", "grad_accum_steps", "world_size")
+DERIVED = ("dp", "grad_accum_steps", "world_size")  # world_size is also a knob where a space tunes it
 
 OBJECTIVES: dict[str, tuple[str, str]] = {
     # name: (metric key in TrialResult.metrics, direction)
@@ -200,6 +201,13 @@ class SearchSpace(_Strict):
                     f"constraint {c.expr!r} reads unknown name(s) {unknown}; "
                     f"it may read knobs, {', '.join(DERIVED)} and workload fields"
                 )
+        world = self.knobs.get("world_size")
+        nproc = self.hardware.nproc
+        if world is not None and nproc is not None and max(world.values()) > nproc:
+            raise ValueError(
+                f"knobs.world_size <= hardware.nproc must hold, but got world_size up to {max(world.values())}, "
+                f"nproc={nproc}"
+            )
         for name, value in self.baseline.items():
             if name not in KNOBS:
                 raise ValueError(f"baseline: unknown knob {name!r}; valid: {', '.join(KNOBS)}")

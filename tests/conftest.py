@@ -26,3 +26,18 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 600
         [sys.executable, "-m", "cotune.cli", *args], cwd=cwd, capture_output=True, text=True,
         timeout=timeout, env=full_env,
     )
+
+
+@pytest.fixture(scope="session")
+def real_search(tmp_path_factory) -> Path:
+    """A folder holding a real 4-trial CPU study (with --profile and --report), made once per session (~40 s).
+
+    Holds ``cotune.db`` (study ``cpu-tiny-gpt``), the report ``reports/cpu-tiny-gpt.html``
+    that ``cotune search --report`` wrote, and the search's output in ``search.out``.
+    Tests copy it before changing anything.
+    """
+    folder = tmp_path_factory.mktemp("real-search")
+    result = run_cli("search", "--budget", "4", "--seed", "1", "--profile", "--report", cwd=folder)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (folder / "search.out").write_text(result.stdout)
+    return folder

@@ -27,19 +27,40 @@ def test_micro_batch_is_capped_and_accumulation_derived(cpu_space):
     assert config.workload.vocab_size == 256 and config.run.token_budget == cpu_space.trial.token_budget
 
 
-def test_data_parallel_degree_is_derived_and_checked():
+def test_layout_is_fitted_to_the_world_size():
     space = load_space(ROOT / "search_spaces" / "gpu-8-gpt2-medium.yaml")
-    config, reason = derive.build_config(
-        space, {"fsdp": 2, "tp": 2, "pp": 1, "micro_batch_size": 4, "global_batch_size": 64},
-        world_size=8, vocab_size=256,
-    )
-    assert config is None  # world size 8 is above one process: not run yet, but the layout itself is valid
-    assert "world_size=8 (dp=2, fsdp=2, tp=2, pp=1)" in reason
-    _, reason = derive.build_config(space, {"tp": 8, "pp": 4}, world_size=8, vocab_size=256)
-    assert reason == "world_size % (fsdp * tp * pp) == 0 must hold, but got world_size=8, fsdp=1, tp=8, pp=4"
-    space3 = space.model_copy(update={"workload": space.workload.model_copy(update={"n_layer": 22})})
-    _, reason = derive.build_config(space3, {"pp": 4}, world_size=4, vocab_size=256)
+
+    def layout(values, world):
+        config, reason = derive.build_config(space, values, world_size=world, vocab_size=256)
+        assert reason == "", reason
+        p = config.parallel
+        return p.dp, p.fsdp, p.tp, p.pp
+
+    assert layout({"fsdp": 2, "tp": 2, "pp": 1, "micro_batch_size": 4, "global_batch_size": 64}, 8) == (2, 2, 2, 1)
+    assert layout({"tp": 8, "pp": 4}, 8) == (1, 1, 8, 1)  # tp takes the whole world, pp is cut to 1
+    assert layout({"tp": 4, "pp": 4, "fsdp": 8}, 8) == (1, 1, 4, 2)
+    assert layout({"tp": 2, "pp": 2, "fsdp": 2}, 1) == (1, 1, 1, 1)
+    # 3 is the largest divisor of 6 that is at most 4, and 16 heads do not split three ways.
+    _, reason = derive.build_config(space, {"tp": 4}, world_size=6, vocab_size=256)
+    assert reason.startswith("n_head % tp == 0") and "n_head=16, tp=3" in reason
+
+
+def test_layout_rules_and_constraints_name_every_value():
+    space = load_space(ROOT / "search_spaces" / "gpu-8-gpt2-medium.yaml")
+    space22 = space.model_copy(update={"workload": space.workload.model_copy(update={"n_layer": 22})})
+    _, reason = derive.build_config(space22, {"pp": 4}, world_size=4, vocab_size=256)
     assert reason.startswith("n_layer % pp == 0 must hold") and "n_layer=22, pp=4" in reason
+    _, reason = derive.build_config(space, {"pp": 2, "micro_batch_size": 2, "pp_microbatches": 4,
+                                            "global_batch_size": 64}, world_size=2, vocab_size=256)
+    assert reason == "micro_batch_size % pp_microbatches == 0 must hold, but got micro_batch_size=2, pp_microbatches=4"
+    config, reason = derive.build_config(space, {"pp": 2, "pp_schedule": "interleaved1f1b", "pp_microbatches": 4,
+                                                 "global_batch_size": 64}, world_size=2, vocab_size=256)
+    assert reason == "" and config.parallel.pp_virtual_stages == 2
+    config, _ = derive.build_config(space, {"pp": 2, "pp_schedule": "1f1b", "pp_virtual_stages": 2,
+                                            "global_batch_size": 64, "pp_microbatches": 4}, world_size=2, vocab_size=256)
+    assert config.parallel.pp_virtual_stages == 1
+    _, reason = derive.build_config(space, {"precision": "fp16", "global_batch_size": 64}, world_size=8, vocab_size=256)
+    assert reason == "fp16 loss scaling across processes is not run yet, but got precision=fp16 with world_size=8"
 
 
 def test_declared_constraint_names_every_value(cpu_space):

@@ -1,0 +1,135 @@
+"""Parallel layouts run for real under torchrun on CPU (gloo), checked against one process.
+
+The equivalence gate: each layout trains the same model, on the same global batches,
+from the same seed, and must give the single-process fp32 losses step for step. A
+sharding bug fails here instead of skewing a study.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from torch import nn
+
+from cotune import runner
+from cotune.config import BatchConfig, OptimizerConfig, ParallelConfig, RunConfig, TrialConfig, WorkloadConfig
+from cotune.data import default_cache_dir
+from cotune.trial.model import GPT, GPTConfig
+
+pytestmark = pytest.mark.multiprocess
+
+# Losses are compared to this tolerance: fp32 collectives add in another order than one
+# process does (observed differences are about 1e-6).
+RTOL, ATOL = 1e-5, 1e-5
+
+BASE = TrialConfig(
+    workload=WorkloadConfig(n_layer=4, n_embd=32, n_head=4, seq_len=32),
+    batch=BatchConfig(micro_batch_size=4, global_batch_size=8, grad_accum_steps=2),
+    # A large learning rate makes a wrong gradient visible within a step or two.
+    optimizer=OptimizerConfig(learning_rate=1e-2, warmup_fraction=0.0),
+    run=RunConfig(token_budget=6 * 8 * 32, warmup_steps=1, measured_steps=2, eval_tokens=1024, timeout_s=180),
+)
+
+LAYOUTS = {
+    "dp2": ParallelConfig(dp=2),
+    "fsdp2": ParallelConfig(fsdp=2),
+    "tp2": ParallelConfig(tp=2),
+    "pp2-1f1b": ParallelConfig(pp=2, pp_schedule="1f1b", pp_microbatches=2),
+    "pp2-interleaved": ParallelConfig(pp=2, pp_schedule="interleaved1f1b", pp_microbatches=2, pp_virtual_stages=2),
+    "fsdp2xtp2": ParallelConfig(fsdp=2, tp=2),  # 2-D on 4 processes
+}
+
+
+def layout(par: ParallelConfig) -> TrialConfig:
+    """BASE with ``par``: the same global batch, so fewer accumulation steps per data-parallel rank."""
+    per_rank = BASE.batch.global_batch_size // par.data_parallel
+    batch = replace(BASE.batch, grad_accum_steps=per_rank // BASE.batch.micro_batch_size)
+    return replace(BASE, parallel=par, batch=batch)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    result = runner.run_trial(BASE, tmp_path_factory.mktemp("single"), cache_dir=default_cache_dir())
+    assert result.status == "ok", result.reason + result.error_tail
+    return result
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_matches_one_process(single, tmp_path, name):
+    config = layout(LAYOUTS[name])
+    result = runner.run_trial(config, tmp_path, cache_dir=default_cache_dir())
+    assert result.status == "ok", f"{result.reason}\n{result.error_tail}"
+    losses = [step[2] for step in result.loss_curve]
+    expected = [step[2] for step in single.loss_curve]
+    assert len(losses) == len(expected) == 6
+    assert losses == pytest.approx(expected, rel=RTOL, abs=ATOL)
+    assert losses[-1] < losses[0] - 0.5  # it trained: a frozen model would pass trivially
+    assert result.metrics["val_loss"] == pytest.approx(single.metrics["val_loss"], rel=RTOL, abs=ATOL)
+    m = result.metrics
+    assert m["tokens_per_second"] > 0 and m["peak_memory_bytes"] > 0  # global throughput, max over ranks
+
+
+def test_a_sharding_bug_fails_the_gate(single, tmp_path):
+    """The gate's own check: a data-parallel run that drops the other rank's half of the batch."""
+    wrong = replace(layout(ParallelConfig(dp=2)), batch=replace(BASE.batch, global_batch_size=4, grad_accum_steps=1))
+    result = runner.run_trial(wrong, tmp_path, cache_dir=default_cache_dir())
+    losses = [step[2] for step in result.loss_curve]
+    assert losses != pytest.approx([step[2] for step in single.loss_curve], rel=RTOL, abs=ATOL)
+
+
+class _HangOnRank1(GPT):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if int(os.environ.get("RANK", "0")) == 1:
+            time.sleep(3600)  # rank 0 waits for this one in its first collective, forever
+        return super().forward(x)
+
+
+def hang_on_rank1(cfg: WorkloadConfig) -> nn.Module:
+    return _HangOnRank1(GPTConfig(cfg.vocab_size, cfg.seq_len, cfg.n_layer, cfg.n_head, cfg.n_embd))
+
+
+class _OomOnRank1(GPT):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if int(os.environ.get("RANK", "0")) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB (on purpose)")
+        return super().forward(x)
+
+
+def oom_on_rank1(cfg: WorkloadConfig) -> nn.Module:
+    return _OomOnRank1(GPTConfig(cfg.vocab_size, cfg.seq_len, cfg.n_layer, cfg.n_head, cfg.n_embd))
+
+
+def _processes_of(trial_dir: Path) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(str(trial_dir) in part for part in p.info["cmdline"] or []) and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def test_a_rank_hanging_in_a_collective_times_out_and_leaves_nothing(tmp_path):
+    config = replace(layout(ParallelConfig(dp=2)),
+                     workload=replace(BASE.workload, model=f"{__name__}:hang_on_rank1"),
+                     run=replace(BASE.run, timeout_s=25))
+    started = time.monotonic()
+    result = runner.run_trial(config, tmp_path, cache_dir=default_cache_dir())
+    assert result.status == "timeout", f"{result.status}: {result.reason}\n{result.error_tail}"
+    assert time.monotonic() - started < 45
+    assert _processes_of(tmp_path) == []  # torchrun's agent and both ranks are gone
+
+
+def test_out_of_memory_on_another_rank_is_classified(tmp_path):
+    config = replace(layout(ParallelConfig(dp=2)), workload=replace(BASE.workload, model=f"{__name__}:oom_on_rank1"))
+    result = runner.run_trial(config, tmp_path, cache_dir=default_cache_dir())
+    assert result.status == "oom", f"{result.status}: {result.reason}\n{result.error_tail}"
+    assert "rank 1" in result.reason and "OutOfMemoryError" in result.error_tail
+    assert _processes_of(tmp_path) == []
