@@ -237,7 +237,10 @@ def trials(
 
     opt_study = load(storage, study)
     all_trials = sorted(opt_study.get_trials(deepcopy=False), key=lambda t: t.number)
-    console.print(display.trials_table(rows(all_trials), f"{opt_study.study_name}: {len(all_trials)} trials"))
+    table_rows = rows(all_trials)
+    console.print(display.trials_table(table_rows, f"{opt_study.study_name}: {len(all_trials)} trials"))
+    for line in display.failure_lines(table_rows):
+        console.print(line, markup=False, highlight=False)
 
 
 @app.command()

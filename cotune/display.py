@@ -21,6 +21,11 @@ KNOB_SHORT = {
     "adam_beta2": "beta2",
     "activation_checkpointing": "ckpt",
     "precision": "prec",
+    "world_size": "world",
+    "sequence_parallel": "sp",
+    "pp_schedule": "sched",
+    "pp_microbatches": "mbs",
+    "pp_virtual_stages": "vst",
 }
 
 
@@ -65,12 +70,15 @@ def trials_table(table_rows: list[Row], title: str) -> Table:
         table.add_column(header, justify="right" if header not in ("status",) else "left")
     for name in varying:
         table.add_column(KNOB_SHORT.get(name, name), justify="right")
-    table.add_column("reason", overflow="fold", max_width=60)
     for r in table_rows:
         style = None if r.status == "ok" else "dim"
-        table.add_row(str(r.number), r.status, *metric_cells(r), *(fmt(r.knobs.get(n)) for n in varying),
-                      r.reason, style=style)
+        table.add_row(str(r.number), r.status, *metric_cells(r), *(fmt(r.knobs.get(n)) for n in varying), style=style)
     return table
+
+
+def failure_lines(table_rows: list[Row]) -> list[str]:
+    """One line per trial that did not finish ok: its number, status and why."""
+    return [f"#{r.number} {r.status}: {r.reason}" for r in table_rows if r.status != "ok"]
 
 
 def pareto_table(table_rows: list[Row], title: str) -> tuple[Table, dict[str, Any]]:

@@ -89,6 +89,8 @@ def _knobs(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for section in ("batch", "parallel", "precision", "optimizer", "software"):
         out.update(config.get(section, {}))
+    parallel = config.get("parallel", {})
+    out["world_size"] = parallel.get("dp", 1) * parallel.get("fsdp", 1) * parallel.get("tp", 1) * parallel.get("pp", 1)
     return out
 
 
