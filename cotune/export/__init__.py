@@ -1,21 +1,23 @@
 """Export: a study's chosen config translated for the trainer people run.
 
 Each format is a plain callable ``(TrialConfig) -> Exported`` registered by name in
-``EXPORTERS``; a new trainer is one module here using ``@register("name")`` (and its
-name in ``_BUILTIN``), or a user's ``package.module:function`` passed as the format.
-Exporters write text and list every knob the target cannot express; they never
-import the target library or torch.
+``EXPORTERS`` with ``@register("name")``. Every module of this package except the
+helpers below is an exporter and is loaded here, so a new trainer is one new file;
+a user's own exporter is passed as ``--format package.module:function``. Exporters
+write text and list every knob the target cannot express; they never import the
+target library or torch.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
 from cotune.export.base import EXPORTERS, Exported, ExportFn, export, get_exporter, register
 
 __all__ = ["EXPORTERS", "ExportFn", "Exported", "export", "get_exporter", "register"]
 
-# Modules that register the shipped formats, in the order `--help` lists them.
-_BUILTIN = ("json_config", "hf", "lightning", "deepspeed", "torchtitan", "accelerate", "megatron")
-for _module in _BUILTIN:
-    importlib.import_module(f"cotune.export.{_module}")
+_HELPERS = {"base", "pick"}  # modules here that register no format
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in _HELPERS and not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")

@@ -52,7 +52,7 @@ def export_accelerate(config: TrialConfig) -> Exported:
     sharded = par.fsdp > 1 or par.tp > 1  # accelerate takes tensor parallelism only through FSDP2's plugin
     if sharded:
         distributed_type = "FSDP"
-    elif par.world_size > 1:
+    elif par.world_size // par.pp > 1:
         distributed_type = "MULTI_CPU" if cpu else "MULTI_GPU"
     else:
         distributed_type = "NO"
@@ -61,7 +61,7 @@ def export_accelerate(config: TrialConfig) -> Exported:
         "distributed_type": distributed_type,
         "mixed_precision": _MIXED[config.precision.precision],
         "use_cpu": cpu,
-        "num_processes": par.world_size,
+        "num_processes": par.world_size // par.pp,  # no pipeline stages here: the other degrees tile these
         "num_machines": 1,
         "machine_rank": 0,
         "main_training_function": "main",
@@ -96,7 +96,8 @@ def export_accelerate(config: TrialConfig) -> Exported:
         lost.append(knob("parallel.sequence_parallel", True, "accelerate's sp_size is Ulysses-style sequence "
                          "parallelism, not tensor parallelism's; apply SequenceParallel in the model's TP plan"))
     if par.pp > 1:
-        lost.append(knob("parallel.pp", pipeline_value(config), "an accelerate config has no pipeline parallelism"))
+        lost.append(knob("parallel.pp", pipeline_value(config), "an accelerate config has no pipeline "
+                         f"parallelism; this file runs the other degrees on {par.world_size // par.pp} processes"))
     header = comment_header("accelerate config exported by cotune",
                             "accelerate launch --config_file this.yaml train.py", lost)
     body = yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)

@@ -85,7 +85,12 @@ ADAM_EPS = 1e-8  # torch.optim.AdamW's default, which the trial uses
 
 def knob(path: str, value: object, why: str) -> str:
     """One unexpressed-knob line: ``parallel.tp=2: why``."""
-    shown = str(value).lower() if isinstance(value, bool) else value
+    if isinstance(value, bool):
+        shown = str(value).lower()
+    elif isinstance(value, float):
+        shown = f"{value:.6g}"
+    else:
+        shown = str(value)
     return f"{path}={shown}: {why}"
 
 
@@ -107,7 +112,7 @@ def launcher_note(config: TrialConfig, how: str) -> list[str]:
     world = config.parallel.world_size
     if world == 1:
         return []
-    return [f"parallel world size={world} (dp*fsdp*tp*pp): the launcher sets the process count, e.g. {how}"]
+    return [f"world size={world} (dp*fsdp*tp*pp): the launcher sets the process count, e.g. {how}"]
 
 
 def comment_header(title: str, usage: str, unexpressed: list[str]) -> str:

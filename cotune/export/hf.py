@@ -77,5 +77,6 @@ def export_hf(config: TrialConfig) -> Exported:
     if par.dp > 1 and par.fsdp > 1:
         lost.append(knob("parallel.dp", par.dp, "with fsdp > 1 this is HSDP's replicate degree; " + parallel_config))
     if par.pp > 1:
-        lost.append(knob("parallel.pp", pipeline_value(config), "the HF Trainer has no pipeline parallelism"))
+        lost.append(knob("parallel.pp", pipeline_value(config), "the HF Trainer has no pipeline parallelism; run the other "
+                         f"degrees on {par.world_size // par.pp} processes"))
     return Exported(text=json.dumps(args, indent=2) + "\n", unexpressed=lost, suffix=".json")

@@ -46,14 +46,21 @@ def export_lightning(config: TrialConfig) -> Exported:
     """Trainer arguments and LightningCLI's optimizer block; the rest as comments."""
     b, par, opt, sw = config.batch, config.parallel, config.optimizer, config.software
     steps, warmup = budget_steps(config), warmup_steps(config)
+    lost = []
+    precision = _PRECISION[config.precision.precision]
+    if par.tp > 1 and precision == "16-mixed":
+        # ModelParallelStrategy refuses 16-mixed (fp16 with a loss scaler); 16-true would drop the scaler.
+        precision = "32-true"
+        lost.append(knob("precision.precision", "fp16", "ModelParallelStrategy has no 16-mixed (fp16 with loss "
+                         "scaling); 32-true is written"))
     doc = {
         "seed_everything": config.run.seed,
         "trainer": {
             "accelerator": "gpu" if config.run.device == "cuda" else "cpu",
-            "devices": par.world_size,
+            "devices": par.world_size // par.pp,  # no pipeline stages here: the other degrees tile these
             "num_nodes": 1,
             "strategy": _strategy(config),
-            "precision": _PRECISION[config.precision.precision],
+            "precision": precision,
             "accumulate_grad_batches": b.grad_accum_steps,
             "gradient_clip_val": opt.grad_clip,
             "gradient_clip_algorithm": "norm",
@@ -65,7 +72,7 @@ def export_lightning(config: TrialConfig) -> Exported:
                           "weight_decay": opt.weight_decay},
         },
     }
-    lost = [
+    lost += [
         knob("batch.micro_batch_size", b.micro_batch_size,
              "the DataLoader's batch_size (your DataModule's, e.g. data.init_args.batch_size)"),
         knob("optimizer.warmup_fraction", opt.warmup_fraction,
@@ -94,7 +101,8 @@ def export_lightning(config: TrialConfig) -> Exported:
             lost.append(knob("parallel.sequence_parallel", True, "part of the tensor-parallel plan in "
                              "configure_model (SequenceParallel on the norms)"))
     if par.pp > 1:
-        lost.append(knob("parallel.pp", pipeline_value(config), "Lightning has no pipeline-parallel strategy"))
+        lost.append(knob("parallel.pp", pipeline_value(config), "Lightning has no pipeline-parallel strategy; "
+                         f"this file runs the other degrees on {par.world_size // par.pp} devices"))
     header = comment_header("Lightning Trainer arguments exported by cotune (LightningCLI config)",
                             "python train.py fit --config this.yaml (a LightningCLI script)", lost)
     body = yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)

@@ -36,7 +36,7 @@ class Picked:
 
     number: int
     config: TrialConfig
-    why: str  # e.g. "the knee of the Pareto set (11 trials)"
+    why: str  # e.g. "the knee of the Pareto set of 11 trials"
     metrics: dict[str, Any]
     filled: list[str]  # config keys the stored config lacked (an older cotune), filled with today's defaults
 
@@ -62,7 +62,7 @@ def pick_trial(study: optuna.Study, how: str) -> Picked:
                         "run `cotune search` first")
     if how == "knee":
         chosen = _knee(front, study.directions)
-        why = f"the knee of the Pareto set ({len(front)} trials)"
+        why = f"the knee of the Pareto set of {_trials(len(front))}"
     else:
         key, direction = BY_METRIC[how]
         scored = [t for t in front if _metric(t, key) is not None]
@@ -70,8 +70,25 @@ def pick_trial(study: optuna.Study, how: str) -> Picked:
             raise UserError(f"--pick {how}: no Pareto trial of study {study.study_name!r} recorded {key}")
         sign = -1.0 if direction == "maximize" else 1.0
         chosen = min(scored, key=lambda t: (sign * _metric(t, key), t.number))
-        why = f"the {how} point of the Pareto set ({len(front)} trials, by {key})"
+        why = f"the {how} point of the Pareto set of {_trials(len(front))} (by {key})"
     return _picked(chosen, why)
+
+
+def describe(picked: Picked) -> str:
+    """One line for the user: which trial, why, and its measured objectives."""
+    m = picked.metrics
+    parts = []
+    if isinstance(m.get("tokens_per_second"), (int, float)):
+        parts.append(f"{m['tokens_per_second']:,.0f} tokens/s")
+    if isinstance(m.get("val_loss"), (int, float)):
+        parts.append(f"val_loss {m['val_loss']:.4f}")
+    if isinstance(m.get("peak_memory_bytes"), (int, float)):
+        parts.append(f"peak memory {m['peak_memory_bytes'] / 2**20:,.0f} MiB")
+    return f"trial {picked.number}, {picked.why}: " + ", ".join(parts)
+
+
+def _trials(n: int) -> str:
+    return f"{n} trial" if n == 1 else f"{n} trials"
 
 
 def _by_number(study: optuna.Study, how: str) -> Picked:
@@ -88,7 +105,7 @@ def _by_number(study: optuna.Study, how: str) -> Picked:
     if status != "ok":
         raise UserError(f"--pick {how}: trial {number} ended {status!r}, and only trials that finished ok "
                         "can be exported")
-    return _picked(trial, f"trial {number}, as asked")
+    return _picked(trial, f"as asked (--pick {how})")
 
 
 def _metric(trial: optuna.trial.FrozenTrial, key: str) -> float | None:
@@ -96,7 +113,9 @@ def _metric(trial: optuna.trial.FrozenTrial, key: str) -> float | None:
     return None if value is None else float(value)
 
 
-def _knee(front: list[optuna.trial.FrozenTrial], directions: list[optuna.study.StudyDirection]) -> Any:
+def _knee(
+    front: list[optuna.trial.FrozenTrial], directions: list[optuna.study.StudyDirection]
+) -> optuna.trial.FrozenTrial:
     """The Pareto point nearest the ideal, each objective scaled to [0, 1] over the front (0 = best)."""
     columns = list(zip(*(t.values for t in front)))
 

@@ -68,7 +68,7 @@ def _settings(config: TrialConfig) -> tuple[dict[str, dict], list[str]]:
             parallelism["pipeline_parallel_layers_per_stage"] = w.n_layer // stages
     lr_scheduler = {
         "warmup_steps": warmup_steps(config),
-        "decay_type": "cosine",  # decay starts right after warm-up (decay_ratio unset)
+        "decay_type": "cosine",
         "min_lr_factor": MIN_LR_RATIO,
     }
     optimizer = {"lr": opt.learning_rate, "betas": [opt.adam_beta1, opt.adam_beta2], "eps": ADAM_EPS,
@@ -92,6 +92,10 @@ def export_torchtitan(config: TrialConfig) -> Exported:
     sections, lost = _settings(config)
     par = config.parallel
     sections["parallelism"]["enable_sequence_parallel"] = par.sequence_parallel  # torchtitan's default is on
+    # The registry's configs set a stable phase (decay_ratio 0.8); the trial decays right after warm-up.
+    sections["lr_scheduler"]["decay_ratio"] = None
+    if par.pp > 1:
+        sections["training"]["disable_cuda_graphs"] = True  # 0.3 refuses CUDA graphs with pipeline parallelism
     lines = [f"--module {PLACEHOLDER_MODULE}", f"--config {PLACEHOLDER_CONFIG}"]
     for section in ("training", "parallelism", "lr_scheduler", "compile", "debug"):
         for key, value in sections[section].items():
