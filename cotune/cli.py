@@ -357,7 +357,7 @@ def export_cmd(
     """Write one config of the study (a Pareto point by default) for a trainer; never runs training."""
     _quiet_optuna()
     from cotune import export as exporters
-    from cotune.export.pick import open_study, pick_trial
+    from cotune.export.pick import describe, open_study, pick_trial
 
     exporter = exporters.get_exporter(fmt)  # a bad --format fails before the study is read
     if output is not None and not output.is_dir() and not output.parent.is_dir():
@@ -369,9 +369,7 @@ def export_cmd(
     def say(text: str) -> None:
         err_console.print(text, markup=False, highlight=False, soft_wrap=True)
 
-    shown = ", ".join(f"{k} {picked.metrics[k]:.4g}" for k in ("tokens_per_second", "val_loss", "peak_memory_bytes")
-                      if isinstance(picked.metrics.get(k), (int, float)))
-    say(f"trial {picked.number} of study {opt_study.study_name!r}, {picked.why}: {shown}")
+    say(f"study {opt_study.study_name!r}: {describe(picked)}")
     if picked.filled:
         say(f"note: trial {picked.number} was recorded before {', '.join(picked.filled)} existed; "
             "their defaults are used")

@@ -1,0 +1,62 @@
+"""How the report writes numbers and configs, shared by the HTML page and the terminal summary."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from cotune.display import KNOB_SHORT, fmt
+from cotune.report.frame import config_sections
+
+
+def missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def tokens(value: Any) -> str:
+    return "–" if missing(value) else f"{float(value):,.0f}"
+
+
+def loss(value: Any) -> str:
+    return "–" if missing(value) else f"{float(value):.4f}"
+
+
+def mib(value: Any) -> str:
+    return "–" if missing(value) else f"{float(value) / 2**20:,.0f} MiB"
+
+
+def percent(value: Any) -> str:
+    return "–" if missing(value) else f"{float(value) * 100:.1f}%"
+
+
+def ratio(value: Any) -> str:
+    return "–" if missing(value) else f"{float(value):.2f}×"
+
+
+def signed(value: Any) -> str:
+    return "–" if missing(value) else f"{float(value):+.4f}"
+
+
+def seconds(value: Any) -> str:
+    if missing(value):
+        return "–"
+    value = float(value)
+    return f"{value:.1f} s" if value < 120 else f"{int(value // 60)} min {value % 60:02.0f} s"
+
+
+def knob(name: str) -> str:
+    return KNOB_SHORT.get(name, name)
+
+
+def change(name: str, before: Any, after: Any) -> str:
+    """One knob changed from the baseline, e.g. ``lr 1.00e-03→2.92e-03``."""
+    return f"{knob(name)} {fmt(before)}→{fmt(after)}"
+
+
+def config_lines(config: dict[str, Any] | None, knobs: dict[str, Any]) -> list[str]:
+    """A TrialConfig as one short line per section; the sampled knobs when no config was built."""
+    sections = config_sections(config)
+    if not sections:
+        return [", ".join(f"{knob(k)}={fmt(v)}" for k, v in knobs.items())] if knobs else []
+    return [f"{section}: " + ", ".join(f"{k}={fmt(v)}" for k, v in values.items())
+            for section, values in sections.items()]

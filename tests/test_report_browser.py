@@ -1,0 +1,107 @@
+"""The report in a real headless Chromium: it renders offline, without errors, and shows the study's data.
+
+Needs Debian's ``chromium`` (/usr/bin/chromium) and Playwright's Python package; Playwright's
+own browser downloads are never used. Skipped, with the reason, where either is missing,
+except in CI (CI=true), where they must run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import optuna
+import pytest
+
+from cotune.report import report_info
+from cotune.report.render import write_report
+from cotune.study import distinct_configs, pareto_trials
+from tests.test_report import always_failing, fake_study
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run", "--disable-sync"]
+
+# Off CI, a machine without Chromium skips these; in CI (which installs it) they must run.
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists() and not os.environ.get("CI"),
+                       reason="needs Debian's chromium: apt-get install -y chromium"),
+]
+
+
+def open_page(html: Path, screenshot: Path):
+    """Load ``html`` in headless Chromium; return (page facts, console errors, requests made).
+
+    Every request is recorded; anything but the file itself is refused, so a page that
+    tried to reach the network both shows up in the list and cannot hang the test.
+    """
+    if os.environ.get("CI"):
+        import playwright.sync_api as sync_api
+    else:
+        sync_api = pytest.importorskip("playwright.sync_api", reason="needs Playwright's Python package")
+    errors: list[str] = []
+    requests: list[str] = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+
+            def route(r):
+                requests.append(r.request.url)
+                if r.request.url == html.as_uri():
+                    r.continue_()
+                else:
+                    r.abort()
+
+            page.route("**/*", route)
+            page.goto(html.as_uri(), wait_until="load")
+            page.wait_for_timeout(500)  # let plotly finish drawing before the screenshot
+            facts = page.evaluate("""() => {
+                const fig = document.getElementById('fig-pareto');
+                const front = fig ? fig.data.filter(t => t.meta === 'pareto') : [];
+                return {
+                    pareto_points: front.length ? front[0].x.length : null,
+                    pick_rows: document.querySelectorAll('#picks tbody tr').length,
+                    failure_rows: document.querySelectorAll('#failures tbody tr').length,
+                    plots: document.querySelectorAll('.js-plotly-plot').length,
+                    title: document.title,
+                };
+            }""")
+            if facts["pick_rows"] > 1:  # sorting by validation loss puts the lowest first
+                page.click("#picks thead th:nth-child(4)")
+                facts["sorted_losses"] = page.eval_on_selector_all(
+                    "#picks tbody tr td:nth-child(4)", "cells => cells.map(c => parseFloat(c.dataset.v))")
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    return facts, errors, requests
+
+
+@pytest.mark.slow
+def test_real_study_report_in_chromium(real_search, tmp_path):
+    # The page `cotune search --report` wrote, opened from a copy of its folder.
+    html = tmp_path / "report.html"
+    shutil.copy(real_search / "reports" / "cpu-tiny-gpt.html", html)
+    study = optuna.load_study(study_name="cpu-tiny-gpt", storage=f"sqlite:///{real_search / 'cotune.db'}")
+    facts, errors, requests = open_page(html, tmp_path / "report.png")
+    assert errors == []
+    assert requests == [html.as_uri()]  # the page itself, nothing else
+    assert facts["pareto_points"] == len(study.best_trials)
+    assert facts["pick_rows"] == len(distinct_configs(pareto_trials(study)))
+    assert facts["plots"] >= 5 and "cpu-tiny-gpt" in facts["title"]
+    if "sorted_losses" in facts:
+        assert facts["sorted_losses"] == sorted(facts["sorted_losses"])
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_report_with_nothing_ok_in_chromium(fingerprint, tmp_path):
+    study = fake_study(tmp_path, fingerprint, always_failing, budget=6)
+    html = write_report(report_info(study), tmp_path / "failed.html")
+    facts, errors, requests = open_page(html, tmp_path / "failed.png")
+    assert errors == [] and requests == [html.as_uri()]
+    assert facts["pareto_points"] is None and facts["pick_rows"] == 0
+    assert facts["failure_rows"] == 6
