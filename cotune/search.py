@@ -20,7 +20,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from cotune import __version__, derive
+from cotune import __version__, derive, memory
 from cotune.config import STATUSES, TrialConfig, TrialResult
 from cotune.errors import UserError
 from cotune.space import OBJECTIVES, SearchSpace
@@ -235,6 +235,12 @@ def run_search(
             settings.space, knob_values, world_size=settings.world_size, vocab_size=settings.vocab_size,
             seed=trial.number if settings.seed is None else settings.seed, profile=settings.profile,
         )
+        estimate = None
+        if config is not None:
+            # The analytic memory model, before launch: a config that cannot fit is never run.
+            estimate = memory.estimate(config, runtime_bytes=memory.runtime_bytes(settings.fingerprint, config.run.device))
+            reason = reason or memory.fits(estimate, memory.capacity_bytes(
+                settings.fingerprint, config.run.device, config.parallel.world_size))
         on_start(trial.number, config)
         try:
             if reason:
@@ -245,7 +251,9 @@ def run_search(
             trial.set_user_attr("status", "interrupted")
             study.tell(trial, state=TrialState.FAIL)
             raise
-        record(study, trial, config, knob_values, result, settings)
+        if estimate is not None:  # recorded beside the measured peak, for every trial
+            result.metrics["estimated_peak_memory_bytes"] = estimate.total
+        record(study, trial, config, knob_values, result, settings, estimate)
         progress.ran_here += 1
         on_done(progress_of(study, settings.objectives, progress), result)
     return progress
@@ -258,6 +266,7 @@ def record(
     knob_values: dict[str, Any],
     result: TrialResult,
     settings: SearchSettings,
+    estimate: memory.MemoryEstimate | None = None,
 ) -> None:
     """Store everything about one trial in the study, then tell its values (or FAIL)."""
     values = None
@@ -288,6 +297,7 @@ def record(
         "trace_artifact_id": trace_artifact,
         "error_tail": result.error_tail[-4000:],
         "reason": result.reason,
+        "memory_estimate": estimate.to_dict() if estimate is not None else None,
         "fingerprint": settings.fingerprint,
         "cotune_version": __version__,
     }

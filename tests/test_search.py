@@ -188,3 +188,23 @@ def test_trials_left_running_by_a_killed_search_are_closed(fingerprint, tmp_path
     states = {t.number: (t.state, t.user_attrs.get("status")) for t in study.get_trials()}
     assert states[orphan.number] == (optuna.trial.TrialState.FAIL, "interrupted")
     assert states[alive.number] == (optuna.trial.TrialState.RUNNING, None)
+
+
+def test_configs_that_cannot_fit_are_skipped_with_the_estimate(fingerprint, tmp_path):
+    tiny = {**fingerprint, "hardware": {**fingerprint["hardware"], "memory_bytes": 64 * 2**20}}
+    s = settings(tiny, tmp_path, budget=3)
+    launched = []
+    progress = search.run_search(open_study(tmp_path, s), s, lambda c, d: launched.append(c) or fake_trial(c, d))
+    assert launched == [] and progress.by_status["infeasible"] == 3
+    trial = open_study(tmp_path, s).trials[0]
+    assert "exceeds the device's" in trial.user_attrs["reason"] and "GiB per rank" in trial.user_attrs["reason"]
+    assert trial.user_attrs["memory_estimate"]["total"] > 32 * 2**20
+
+
+def test_the_estimate_is_recorded_beside_the_measured_peak(fingerprint, tmp_path):
+    s = settings(fingerprint, tmp_path, budget=2)
+    search.run_search(open_study(tmp_path, s), s, fake_trial)
+    for t in open_study(tmp_path, s).trials:
+        m = t.user_attrs["metrics"]
+        assert m["estimated_peak_memory_bytes"] == t.user_attrs["memory_estimate"]["total"] > 0
+        assert t.user_attrs["status"] != "ok" or "peak_memory_bytes" in m

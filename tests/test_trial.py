@@ -185,11 +185,12 @@ def test_huge_learning_rate_diverges(cache: Path) -> None:
     json.dumps(r.to_dict(), allow_nan=False)  # NaN is encoded, the JSON stays strict
 
 
-def test_world_size_above_one_is_infeasible(cache: Path) -> None:
+def test_world_size_above_one_needs_torchrun(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several ranks run under torchrun (tests/test_parallel.py); in-process it is a clear error."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     config = with_(BASE, parallel={"dp": 2}, batch={"grad_accum_steps": 1})
-    r = run_trial(config, cache_dir=cache)
-    assert r.status == "infeasible"
-    assert r.reason == "parallel layouts above one process are not run yet (world_size=2)"
+    with pytest.raises(ValueError, match="world_size=2 runs one process per rank under torchrun"):
+        run_trial(config, cache_dir=cache)
 
 
 def test_inconsistent_batch_is_a_bug_with_every_value(cache: Path) -> None:

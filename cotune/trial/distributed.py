@@ -76,6 +76,11 @@ def init(config: TrialConfig) -> Dist:
     par, run = config.parallel, config.run
     if par.world_size == 1:
         return Dist.single(run.device)
+    if "WORLD_SIZE" not in os.environ:
+        raise ValueError(
+            f"a trial of world_size={par.world_size} runs one process per rank under torchrun "
+            "(cotune.runner launches it so), but WORLD_SIZE is not set in this process"
+        )
     world = int(os.environ["WORLD_SIZE"])
     if world != par.world_size:
         raise ValueError(
