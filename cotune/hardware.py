@@ -148,6 +148,9 @@ def _probe() -> dict[str, Any]:
     import psutil
     import torch
 
+    # Resident memory of a process that has imported torch: the base of a CPU trial's peak RSS
+    # (cotune.memory adds what a trial imports beyond it). Taken before any CUDA initialisation.
+    runtime_rss = psutil.Process().memory_info().rss
     gpus = []
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
@@ -161,6 +164,7 @@ def _probe() -> dict[str, Any]:
         "gpu_count": len(gpus),
         "gpus": gpus,
         "machine": platform.machine(),
+        "cpu_runtime_bytes": runtime_rss,
     }
     software = {
         "python": platform.python_version(),
