@@ -249,3 +249,16 @@ def test_module_reports_a_users_error_with_exit_2(cache: Path, tmp_path: Path) -
     config_path.write_text('{"workload": {}}')
     proc = _run_module(config_path, "--result", result_path, "--cache-dir", cache)
     assert proc.returncode == 2 and "config.json: not a valid trial config" in proc.stderr
+
+
+def test_cpu_peak_memory_is_the_trial_process_own(tmp_path: Path) -> None:
+    """A small process launched by a large one reports its own peak, not its parent's."""
+    import subprocess
+    import sys
+
+    ballast = bytearray(600 * 2**20)  # this process now holds 600 MiB more than a child will
+    ballast[:: 4096] = b"x" * len(ballast[:: 4096])  # touch every page so it is resident
+    child = "from cotune.trial.measure import peak_memory; import torch; print(peak_memory(torch.device('cpu'))[0])"
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True, timeout=120)
+    del ballast
+    assert int(out.stdout) < 550 * 2**20  # torch's runtime is ~400 MiB; the parent's extra 600 MiB is not counted

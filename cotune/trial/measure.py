@@ -52,8 +52,27 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     """The allocator's peak on GPU, else the process's peak resident set; bytes and which one it is."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device)), "cuda allocator peak"
+    hwm = _vm_hwm_bytes()
+    if hwm is not None:
+        return hwm, "process peak RSS"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return int(rss if sys.platform == "darwin" else rss * 1024), "process peak RSS"
+
+
+def _vm_hwm_bytes() -> int | None:
+    """This process's own RSS high-water mark from /proc (Linux), or None elsewhere.
+
+    getrusage's ru_maxrss is not it: Linux carries the launching process's peak across
+    fork and exec, so a trial started by a larger process would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        return None
+    return None
 
 
 def is_oom(e: BaseException) -> bool:
