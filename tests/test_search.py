@@ -32,7 +32,7 @@ def settings(fingerprint, tmp_path, **kw) -> search.SearchSettings:
     space = load_space(CPU_SPACE)
     defaults = dict(space=space, space_path=str(CPU_SPACE), objectives=list(space.objectives), budget=12,
                     fingerprint=fingerprint, vocab_size=256, runs_dir=tmp_path / "runs", seed=0,
-                    world_size=2)
+                    world_size=search.check_hardware(space, str(CPU_SPACE), fingerprint))
     return search.SearchSettings(**{**defaults, **kw})
 
 
