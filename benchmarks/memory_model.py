@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import weakref
 from collections.abc import Callable
 from pathlib import Path
 from unittest import mock
@@ -86,9 +85,6 @@ def _tracker(config: TrialConfig) -> tuple[object, Callable[[], float]]:
     FSDP2 (which frees and re-gathers storages by resizing them) and tensor parallel
     (DTensors) need torch's MemTracker, which follows both; it is told each new step.
     """
-    import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
 
     par = config.parallel
     if par.fsdp > 1 or par.tp > 1 or (par.dp > 1 and par.pp > 1):  # FSDP2 or DTensors (trial/parallelize.py)
@@ -105,34 +101,9 @@ def _tracker(config: TrialConfig) -> tuple[object, Callable[[], float]]:
         mt = StepwiseMemTracker()
         return mt, lambda: float(sum(v["Total"] for v in mt.get_tracker_snapshot("peak").values()))
 
-    class LiveBytes(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.sizes: dict[int, int] = {}
-            self.refs: dict[int, weakref.ref] = {}
-            self.current = self.peak = 0
+    from cotune.trial.live_tensors import LiveTensorBytes
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-            out = func(*args, **(kwargs or {}))
-            for t in tree_flatten(out)[0]:
-                if type(t) in (torch.Tensor, torch.nn.Parameter):
-                    self._track(t.untyped_storage())
-            return out
-
-        def _track(self, storage: torch.UntypedStorage) -> None:
-            key = storage.data_ptr()
-            if key in self.sizes or storage.nbytes() == 0:
-                return
-            self.sizes[key] = storage.nbytes()
-            self.current += storage.nbytes()
-            self.peak = max(self.peak, self.current)
-            self.refs[key] = weakref.ref(storage, lambda _, key=key: self._free(key))
-
-        def _free(self, key: int) -> None:
-            self.current -= self.sizes.pop(key, 0)
-            self.refs.pop(key, None)
-
-    lb = LiveBytes()
+    lb = LiveTensorBytes()
     return lb, lambda: float(lb.peak)
 
 

@@ -5,14 +5,11 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
-import weakref
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from cotune import hardware, memory
 from cotune.config import (
@@ -25,6 +22,7 @@ from cotune.config import (
     WorkloadConfig,
 )
 from cotune.trial import train
+from cotune.trial.live_tensors import LiveTensorBytes
 from cotune.trial.model import GPT, GPTConfig
 from cotune.trial.workloads import apply_activation_checkpointing, build_model
 
@@ -99,39 +97,6 @@ def test_saved_activations_match_saved_tensor_hooks(wl: WorkloadConfig, precisio
     assert memory.saved_activation_bytes(c) == pytest.approx(measured, rel=1e-3)
 
 
-class LiveBytes(TorchDispatchMode):
-    """The peak of live tensor bytes: every storage an op creates, until it is freed.
-
-    What the CUDA caching allocator's max_memory_allocated counts, on any device.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sizes: dict[int, int] = {}
-        self.refs: dict[int, weakref.ref] = {}
-        self.current = self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if type(t) in (torch.Tensor, torch.nn.Parameter):
-                self._track(t.untyped_storage())
-        return out
-
-    def _track(self, storage: torch.UntypedStorage) -> None:
-        key = storage.data_ptr()
-        if key in self.sizes or storage.nbytes() == 0:
-            return
-        self.sizes[key] = storage.nbytes()
-        self.current += storage.nbytes()
-        self.peak = max(self.peak, self.current)
-        self.refs[key] = weakref.ref(storage, lambda _, key=key: self._free(key))
-
-    def _free(self, key: int) -> None:
-        self.current -= self.sizes.pop(key, 0)
-        self.refs.pop(key, None)
-
-
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The builtin corpus's cache, shared with test_data.py (it takes seconds to build)."""
@@ -149,7 +114,7 @@ def test_peak_matches_the_live_tensor_peak_of_a_real_trial(
 ) -> None:
     # The matmul probe behind MFU would add its own matrices to the peak: not the training's.
     monkeypatch.setattr(hardware, "peak_flops", lambda *a, **k: (1e12, "test"))
-    tracker = LiveBytes()
+    tracker = LiveTensorBytes()
     with tracker:
         result = train.run_trial(c, cache_dir=cache)
     assert result.status == "ok", result.reason
