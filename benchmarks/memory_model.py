@@ -70,6 +70,7 @@ def sweep(device: str, parallel: bool) -> list[TrialConfig]:
     out += [trial_config(LARGER, 4, "bf16", ck, "cpu") for ck in (False, True)]  # bf16 is emulated here: slow
     if parallel:
         layouts = [ParallelConfig(dp=2), ParallelConfig(fsdp=2), ParallelConfig(tp=2),
+                   ParallelConfig(tp=2, sequence_parallel=True),
                    ParallelConfig(pp=2, pp_microbatches=2), ParallelConfig(pp=2, pp_microbatches=4, pp_schedule="gpipe"),
                    ParallelConfig(pp=2, pp_microbatches=4, pp_schedule="interleaved1f1b", pp_virtual_stages=2)]
         out += [trial_config(LARGER, 16, "fp32", False, "cpu", par) for par in layouts]

@@ -23,8 +23,7 @@ What is counted, per rank, in bytes:
 - logits: the loss region on the last stage: log-softmax output and its gradients in
   fp32 (the trial casts the (B, T, V) logits to float for the cross-entropy).
 - buffers: backward temporaries, optimizer temporaries, FSDP's unsharded root and block,
-  DDP's gradient buckets, pipeline receive buffers and the unsplit model a pipelined
-  trial keeps.
+  DDP's gradient buckets, pipeline receive buffers.
 - runtime: the process before any model memory (the CPU RSS of Python + torch; for the
   CUDA allocator's peak only the cuBLAS workspace). On CPU also glibc's heap slack.
 
@@ -166,6 +165,8 @@ def layer_activation_bytes_per_token(config: TrialConfig) -> float:
       q, k, v, attention output (= proj input)          4·a·C / t
       fc output (GELU input), GELU output (proj input)  8·a·C / t
       SDPA's log-sum-exp, fp32                          4·H / t   (no T x T matrix: flash/efficient paths)
+    With sequence parallel the first two (the residual stream and the LayerNorm statistics)
+    hold T / t positions: divide them by t. The matmuls save the gathered (B, T, C) input.
     fp32: 64·C + 16 + 4·H; bf16/fp16 autocast: 40·C + 16 + 4·H (the residual stream and the
     statistics stay fp32), against Korthikanti's 34·C in fp16 with dropout masks.
     """
@@ -173,7 +174,14 @@ def layer_activation_bytes_per_token(config: TrialConfig) -> float:
     C, t = w.n_embd, par.tp
     a = COMPUTE_BYTES[config.precision.precision]
     ln_out_copies = 1 if config.precision.precision == "fp32" else 3
-    return 2 * F32 * C + 2 * 2 * F32 + a * C * (ln_out_copies + 1) + 12 * a * C / t + F32 * w.n_head / t
+    residual = (2 * F32 * C + 2 * 2 * F32) / _seq_shards(config)
+    return residual + a * C * (ln_out_copies + 1) + 12 * a * C / t + F32 * w.n_head / t
+
+
+def _seq_shards(config: TrialConfig) -> int:
+    """How many ways the residual stream is split along the sequence (tp under sequence parallel)."""
+    par = config.parallel
+    return par.tp if par.sequence_parallel else 1
 
 
 def saved_activation_bytes(config: TrialConfig) -> float:
@@ -282,7 +290,7 @@ def _rank_peak(config: TrialConfig, pp_rank: int, runtime_bytes: float) -> Memor
 
     # Saved activations, per microbatch in flight: its blocks, the token ids on the first stage,
     # ln_f .. log-softmax on the last (on a 1F1B last stage only one microbatch is ever in flight).
-    per_layer = F32 * C if ckpt else layer_activation_bytes_per_token(config)
+    per_layer = F32 * C / _seq_shards(config) if ckpt else layer_activation_bytes_per_token(config)
     block_acts = tokens * per_layer  # one block of one microbatch
     embed = tokens * _first_stage_per_token() if first else 0.0
     final = tokens * _last_stage_per_token(config) if last else 0.0
@@ -310,10 +318,10 @@ def _rank_peak(config: TrialConfig, pp_rank: int, runtime_bytes: float) -> Memor
     # Block backward: the incoming residual gradient (fp32) and the GELU input/output gradients
     # beside the freed GELU output: 4·C + 4·a·C/t per token. With checkpointing the block is
     # recomputed first: one layer's full activations (and its weight copies on one process).
-    block_temps = tokens * (F32 * C + 4 * a * C / par.tp)
+    block_temps = tokens * (F32 * C / _seq_shards(config) + 4 * a * C / par.tp)
     if ckpt:
         # (less the block's input, which the checkpoint saved already and ln_1 saves again)
-        block_temps += tokens * (layer_activation_bytes_per_token(config) - F32 * C)
+        block_temps += tokens * (layer_activation_bytes_per_token(config) - F32 * C / _seq_shards(config))
         block_temps += 0.0 if pipelined else _weight_copies(config, blocks=1, lm_head=False)
     if uses_fsdp:
         block_temps += F32 * _block_params(C, par.tp)  # FSDP2 writes a block's gradient unsharded, then reduce-scatters
@@ -324,7 +332,6 @@ def _rank_peak(config: TrialConfig, pp_rank: int, runtime_bytes: float) -> Memor
     if par.dp > 1 and not uses_fsdp:
         persistent += grads_all  # DDP's gradient buckets (gradient_as_bucket_view=False)
     if pipelined:
-        persistent += F32 * n_params(config)  # the unsplit model the trial keeps beside its stages
         inputs = F32 * C * tokens
         for s in stages:
             persistent += (m - min(m, chunks)) * inputs if s != 0 else 0.0  # activation receive buffers

@@ -18,7 +18,15 @@ import torch
 from torch import nn
 
 from cotune import runner
-from cotune.config import BatchConfig, OptimizerConfig, ParallelConfig, RunConfig, TrialConfig, WorkloadConfig
+from cotune.config import (
+    BatchConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    PrecisionConfig,
+    RunConfig,
+    TrialConfig,
+    WorkloadConfig,
+)
 from cotune.data import default_cache_dir
 from cotune.trial.model import GPT, GPTConfig
 
@@ -40,9 +48,12 @@ LAYOUTS = {
     "dp2": ParallelConfig(dp=2),
     "fsdp2": ParallelConfig(fsdp=2),
     "tp2": ParallelConfig(tp=2),
+    "tp2-sequence-parallel": ParallelConfig(tp=2, sequence_parallel=True),
     "pp2-1f1b": ParallelConfig(pp=2, pp_schedule="1f1b", pp_microbatches=2),
     "pp2-interleaved": ParallelConfig(pp=2, pp_schedule="interleaved1f1b", pp_microbatches=2, pp_virtual_stages=2),
     "fsdp2xtp2": ParallelConfig(fsdp=2, tp=2),  # 2-D on 4 processes
+    # Sequence-sharded activations crossing pipeline stages, and the first/last stage's cut and gather.
+    "pp2xtp2-sequence-parallel": ParallelConfig(pp=2, tp=2, sequence_parallel=True, pp_microbatches=2),
 }
 
 
@@ -73,6 +84,31 @@ def test_layout_matches_one_process(single, tmp_path, name):
     assert result.metrics["val_loss"] == pytest.approx(single.metrics["val_loss"], rel=RTOL, abs=ATOL)
     m = result.metrics
     assert m["tokens_per_second"] > 0 and m["peak_memory_bytes"] > 0  # global throughput, max over ranks
+
+
+# fp16 autocast rounds each layout's matmuls the same way, but its sums still differ in order
+# and each rounding error is ~1e-3 relative.
+FP16_RTOL = 2e-3
+
+
+@pytest.fixture(scope="module")
+def single_fp16(tmp_path_factory):
+    config = replace(BASE, precision=PrecisionConfig("fp16"))
+    result = runner.run_trial(config, tmp_path_factory.mktemp("single-fp16"), cache_dir=default_cache_dir())
+    assert result.status == "ok", result.reason + result.error_tail
+    return result
+
+
+@pytest.mark.parametrize("name", ["fsdp2", "pp2-1f1b"])
+def test_fp16_loss_scaling_across_processes_matches_one_process(single_fp16, tmp_path, name):
+    """The dynamic loss scale multiplies every rank's loss (the pipeline's loss function too)
+    and is divided out before clipping: a layout that missed either would train differently."""
+    config = replace(layout(LAYOUTS[name]), precision=PrecisionConfig("fp16"))
+    result = runner.run_trial(config, tmp_path, cache_dir=default_cache_dir())
+    assert result.status == "ok", f"{result.reason}\n{result.error_tail}"
+    losses = [step[2] for step in result.loss_curve]
+    assert losses == pytest.approx([step[2] for step in single_fp16.loss_curve], rel=FP16_RTOL)
+    assert result.metrics["val_loss"] == pytest.approx(single_fp16.metrics["val_loss"], rel=FP16_RTOL)
 
 
 def test_a_sharding_bug_fails_the_gate(single, tmp_path):

@@ -7,7 +7,12 @@ stages, then tensor parallel, activation checkpointing, compile, data parallel.
   the last stage, and their gradients are summed across the two after each step, so
   the pair stays one matrix, as in the single-process model.
 - Tensor parallel (tp): q, k, v and the MLP's first matmul column-wise, the two output
-  projections row-wise (Megatron-LM's split), so one all-reduce per sub-layer.
+  projections row-wise (Megatron-LM's split), so one all-reduce per sub-layer. With
+  sequence parallel (Korthikanti et al. 2022) the LayerNorms and the residual stream
+  between sub-layers hold T / tp positions per rank: each all-reduce becomes a
+  reduce-scatter after the sub-layer and an all-gather before the next, the same bytes
+  on the wire, and those activations take 1 / tp of the memory. The first stage cuts its
+  embeddings' output along the sequence; the last gathers it again before ln_f.
 - Data parallel: FSDP2 ``fully_shard`` per block and at the root when fsdp > 1 (HSDP on
   the 2-D dp_replicate x dp_shard mesh when dp > 1 too); DDP for pure replication of a
   whole model; replication next to tp or pp uses the 2-D FSDP2 mesh with a shard size of 1.
@@ -70,7 +75,7 @@ def parallelize(
     modules = [_stage(model, s, num_stages) for s in stage_ids] if par.pp > 1 else [model]
     for i, m in enumerate(modules):
         if par.tp > 1:
-            _apply_tp(m, d)
+            _apply_tp(m, d, par.sequence_parallel, first=stage_ids[i] == 0, last=stage_ids[i] == num_stages - 1)
         if sw.activation_checkpointing:
             apply_activation_checkpointing(m)
         if sw.compile:
@@ -107,13 +112,48 @@ def _stage(model: nn.Module, stage: int, num_stages: int) -> nn.Module:
     return m
 
 
-def _apply_tp(m: nn.Module, d: Dist) -> None:
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+def _apply_tp(m: nn.Module, d: Dist, sequence_parallel: bool, *, first: bool, last: bool) -> None:
+    """Megatron's split of every block over the tp mesh, with or without sequence parallel.
 
-    styles = {"col": ColwiseParallel, "row": RowwiseParallel}
-    plan = {name: styles[kind]() for name, kind in TP_PLAN_NAMES.items()}
+    ``first`` / ``last`` say whether this module holds the embeddings / ln_f and lm_head
+    (the whole model, or a pipeline stage at either end).
+    """
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    mesh = d.mesh["tp"]
+    if not sequence_parallel:
+        styles = {"col": ColwiseParallel, "row": RowwiseParallel}
+        plan = {name: styles[kind]() for name, kind in TP_PLAN_NAMES.items()}
+        for block in m.blocks:
+            parallelize_module(block, mesh, plan)
+        return
+    # Residual stream (B, T / tp, C) per rank between sub-layers. Each sub-layer gathers its
+    # input to (B, T, C) once (not once per q, k, v), and its row-wise output projection
+    # reduce-scatters back to (B, T / tp, C).
+    gather = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+    # The residual additions mix these with plain tensors, so the ends hand on local tensors.
+    local = {"use_local_output": True}
+    plan = {
+        "ln_1": SequenceParallel(), "attn": gather, "attn.q": ColwiseParallel(), "attn.k": ColwiseParallel(),
+        "attn.v": ColwiseParallel(), "attn.proj": RowwiseParallel(output_layouts=Shard(1)),
+        "ln_2": SequenceParallel(), "mlp": gather, "mlp.fc": ColwiseParallel(),
+        "mlp.proj": RowwiseParallel(output_layouts=Shard(1)),
+    }
     for block in m.blocks:
-        parallelize_module(block, d.mesh["tp"], plan)
+        parallelize_module(block, mesh, plan)
+    if first:  # the embeddings' (B, T, C) sum, the same on every tp rank, is cut to this rank's T / tp
+        cut = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),), **local)
+        parallelize_module(m.blocks[0], mesh, cut)
+    if last:  # ln_f and lm_head see the whole sequence (lm_head is tied to wte: not split)
+        whole = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), **local)
+        parallelize_module(m.ln_f, mesh, whole)
 
 
 def _apply_data_parallel(m: nn.Module, config: TrialConfig, d: Dist) -> nn.Module:
@@ -198,6 +238,8 @@ def clip_grad_norm(p: Parallel, max_norm: float, d: Dist) -> float:
     if d.pp_size > 1:
         dist.all_reduce(sq, group=d.group("pp"))
     total = math.sqrt(sq.item())
+    if not math.isfinite(total):
+        return total  # fp16 overflow: the step is skipped, nothing to clip
     coef = min(1.0, max_norm / (total + 1e-6))
     if coef < 1.0:
         for q in params:
