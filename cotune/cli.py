@@ -159,7 +159,9 @@ def search(
     )
 
     def run_fn(config, trial_dir):
-        return runner.run_trial(config, trial_dir, cache_dir=cache_dir, trace=profile)
+        # Triton kernel timings are shared by the study's trials, in its runs folder.
+        return runner.run_trial(config, trial_dir, cache_dir=cache_dir, trace=profile,
+                                kernel_cache=settings.runs_dir / "kernel-timings.json")
 
     try:
         _run_with_progress(opt_study, settings, run_fn)

@@ -17,6 +17,8 @@ from typing import Any
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved1f1b")
+KERNEL_IMPLS = ("torch", "triton")
+KERNELS = ("mlp", "cross_entropy", "layernorm")  # the ops cotune has Triton kernels for
 STATUSES = ("ok", "infeasible", "oom", "timeout", "crash", "diverged")
 
 
@@ -87,6 +89,33 @@ class SoftwareConfig:
 
 
 @dataclass(frozen=True)
+class KernelConfig:
+    """Which ops run as cotune's Triton kernels (``cotune.trial.kernels``) instead of PyTorch's, and their tiles.
+
+    Tile sizes reach the kernels as these explicit values: nothing is autotuned inside a
+    trial (it would search again and skew the timing). A kernel left to torch ignores its tiles.
+    """
+
+    mlp: str = "torch"  # torch | triton: the MLP's first matmul fused with its bias and GELU
+    cross_entropy: str = "torch"  # torch | triton: loss and logits gradient in one pass over the vocabulary
+    layernorm: str = "torch"  # torch | triton: every LayerNorm, forward and backward
+    mlp_block_m: int = 64  # output tile rows (tokens)
+    mlp_block_n: int = 64  # output tile columns (MLP width)
+    mlp_block_k: int = 32  # reduction slice per loop iteration
+    mlp_group_m: int = 8  # row tiles walked together, so the weight tiles they share stay in L2
+    mlp_num_warps: int = 4
+    mlp_num_stages: int = 3  # software-pipelined loads in flight (shared memory grows with it)
+    ce_block_size: int = 1024  # vocabulary columns per loop iteration
+    ce_num_warps: int = 8
+    ln_block_size: int = 1024  # channels per loop iteration
+    ln_num_warps: int = 4
+
+    def selected(self) -> list[str]:
+        """The kernels this config runs in Triton, in a fixed order."""
+        return [k for k in KERNELS if getattr(self, k) == "triton"]
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """How a trial runs and measures; fixed for a whole study."""
 
@@ -108,6 +137,7 @@ class TrialConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     software: SoftwareConfig = field(default_factory=SoftwareConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -130,6 +160,8 @@ class TrialConfig:
         out: dict[str, Any] = {}
         for section in (self.batch, self.parallel, self.precision, self.optimizer, self.software):
             out.update(dataclasses.asdict(section))
+        for name, value in dataclasses.asdict(self.kernels).items():  # mlp -> mlp_kernel; tiles as they are
+            out[f"{name}_kernel" if name in KERNELS else name] = value
         out["world_size"] = self.parallel.world_size
         return out
 
@@ -158,6 +190,7 @@ _SECTIONS: dict[str, type] = {
     "precision": PrecisionConfig,
     "optimizer": OptimizerConfig,
     "software": SoftwareConfig,
+    "kernels": KernelConfig,
     "run": RunConfig,
 }
 
@@ -182,6 +215,7 @@ class TrialResult:
     loss_curve: list[list[float]] = field(default_factory=list)  # [step, tokens_seen, train_loss]
     phase_seconds: dict[str, float] = field(default_factory=dict)
     profile_top_ops: list[dict[str, Any]] = field(default_factory=list)
+    kernel_timings: list[dict[str, Any]] = field(default_factory=list)  # each Triton kernel vs PyTorch, alone
     trace_path: str | None = None
     error_tail: str = ""  # last lines of the error, for failures
     reason: str = ""  # one sentence: why infeasible / diverged / timed out

@@ -11,11 +11,15 @@ checked here before launch.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import replace
 from typing import Any
 
-from cotune import constraints
+from cotune import constraints, tiles
 from cotune.config import (
+    KERNELS,
     BatchConfig,
+    KernelConfig,
     OptimizerConfig,
     ParallelConfig,
     PrecisionConfig,
@@ -46,6 +50,10 @@ DEFAULTS: dict[str, Any] = {
     "pp_schedule": "1f1b",
     "pp_microbatches": 1,
     "pp_virtual_stages": 1,
+    "kernels": "torch",
+    # A per-kernel choice left out follows `kernels`; a tile left out is KernelConfig's default,
+    # cut to the power of two that covers its dimension (so it is never wider than the data).
+    **{f"{k}_kernel": None for k in KERNELS},
 }
 
 
@@ -57,22 +65,39 @@ def allowed_domain(name: str, domain: Domain, native_precisions: list[str]) -> D
 
 
 def suggest(trial: Any, space: SearchSpace, native_precisions: list[str]) -> dict[str, Any]:
-    """Ask an Optuna trial for every non-fixed knob; fixed knobs are taken as they are."""
+    """Ask an Optuna trial for every non-fixed knob; fixed knobs are taken as they are.
+
+    A kernel's tile knobs are conditional: asked for only when that kernel runs in Triton,
+    so a trial in torch does not carry tile values that meant nothing to it.
+    """
     values: dict[str, Any] = {}
-    for name, full in space.knobs.items():
-        domain = allowed_domain(name, full, native_precisions)
-        knob = KNOBS[name]
-        if domain.fixed:
-            value = domain.choices[0] if domain.choices is not None else domain.low
-        elif domain.choices is not None:
-            value = trial.suggest_categorical(name, domain.choices)
-        elif knob.type is int:
-            step = int(domain.step or 1)
-            value = trial.suggest_int(name, int(domain.low), int(domain.high), step=step, log=domain.log)
-        else:
-            value = trial.suggest_float(name, domain.low, domain.high, step=domain.step, log=domain.log)
-        values[name] = knob.type(value)
+    plain = [n for n in space.knobs if KNOBS[n].tile_of is None]
+    for name in plain:
+        values[name] = _suggest_one(trial, name, allowed_domain(name, space.knobs[name], native_precisions))
+    triton = {k for k, impl in kernel_choices(values).items() if impl == "triton"}
+    for name in space.knobs:
+        if KNOBS[name].tile_of in triton:
+            values[name] = _suggest_one(trial, name, space.knobs[name])
     return values
+
+
+def kernel_choices(values: dict[str, Any]) -> dict[str, str]:
+    """torch or triton for each kernel: its own knob if given, else `kernels`."""
+    return {k: values.get(f"{k}_kernel") or values.get("kernels") or DEFAULTS["kernels"] for k in KERNELS}
+
+
+def _suggest_one(trial: Any, name: str, domain: Domain) -> Any:
+    knob = KNOBS[name]
+    if domain.fixed:
+        value = domain.choices[0] if domain.choices is not None else domain.low
+    elif domain.choices is not None:
+        value = trial.suggest_categorical(name, domain.choices)
+    elif knob.type is int:
+        step = int(domain.step or 1)
+        value = trial.suggest_int(name, int(domain.low), int(domain.high), step=step, log=domain.log)
+    else:
+        value = trial.suggest_float(name, domain.low, domain.high, step=domain.step, log=domain.log)
+    return knob.type(value)
 
 
 def build_config(
@@ -83,10 +108,12 @@ def build_config(
     vocab_size: int,
     seed: int = 0,
     profile: bool = False,
+    shared_memory_bytes: int | None = None,
 ) -> tuple[TrialConfig | None, str]:
     """Derive a TrialConfig and say why it is infeasible ('' when it may be launched).
 
-    The config is None only when none can be built at all.
+    The config is None only when none can be built at all. ``shared_memory_bytes`` is
+    the GPU's shared memory per block (None on CPU), for the Triton tile rules.
     """
     v = {**DEFAULTS, **knob_values}
     world = v.get("world_size", world_size)
@@ -129,13 +156,15 @@ def build_config(
             grad_clip=v["grad_clip"],
         ),
         software=SoftwareConfig(activation_checkpointing=v["activation_checkpointing"], compile=v["compile"]),
+        kernels=KernelConfig(),
         run=RunConfig(
             device=space.hardware.device, warmup_steps=space.trial.warmup_steps,
             measured_steps=space.trial.measured_steps, token_budget=space.trial.token_budget,
             eval_tokens=space.trial.eval_tokens, timeout_s=space.trial.timeout_s, seed=seed, profile=profile,
         ),
     )
-    return config, check(config, space)
+    config = replace(config, kernels=_kernels(v, config))
+    return config, check(config, space) or _kernel_rule(config, shared_memory_bytes)
 
 
 def _microbatches(v: dict[str, Any]) -> int:
@@ -184,10 +213,8 @@ def _layout_rule(config: TrialConfig) -> str:
          f"pp_schedule={par.pp_schedule}, pp_virtual_stages={par.pp_virtual_stages}"),
         (par.pp == 1 or par.pp_schedule != "interleaved1f1b" or par.pp_microbatches % par.pp == 0,
          f"pp_microbatches % pp == 0 must hold for interleaved1f1b, but got pp_microbatches={par.pp_microbatches}, pp={par.pp}"),
-        (par.world_size == 1 or config.precision.precision != "fp16",
-         "fp16 loss scaling across processes is not run yet, but got precision=fp16 with world_size="
-         f"{par.world_size}"),
-        (not par.sequence_parallel, "sequence parallel is not run yet, but got sequence_parallel=True"),
+        (not par.sequence_parallel or w.seq_len % par.tp == 0,
+         f"seq_len % tp == 0 must hold with sequence_parallel, but got seq_len={w.seq_len}, tp={par.tp}"),
     ]
     return next((reason for ok, reason in rules if not ok), "")
 
@@ -196,3 +223,45 @@ def _workload_values(config: TrialConfig) -> dict[str, Any]:
     w = config.workload
     return {"n_layer": w.n_layer, "n_embd": w.n_embd, "n_head": w.n_head, "seq_len": w.seq_len,
             "vocab_size": w.vocab_size, "model": w.model, "data": w.data}
+
+
+def _kernels(v: dict[str, Any], config: TrialConfig) -> KernelConfig:
+    """The kernel choices, sampled tiles as they are, tiles left out cut to their dimension."""
+    dims = tiles.kernel_shapes(config)
+    fitted = {  # tile knob -> the dimension it tiles (a block wider than it computes only padding)
+        "mlp_block_m": dims["mlp"]["M"], "mlp_block_n": dims["mlp"]["N"], "mlp_block_k": dims["mlp"]["K"],
+        "ce_block_size": dims["cross_entropy"]["V"], "ln_block_size": dims["layernorm"]["C"],
+    }
+    default = KernelConfig()
+    values: dict[str, Any] = dict(kernel_choices(v))
+    for f in dataclasses.fields(KernelConfig):
+        if f.name in KERNELS:
+            continue
+        if v.get(f.name) is not None:
+            values[f.name] = v[f.name]
+        else:
+            value = getattr(default, f.name)
+            floor = tiles.MIN_DOT_BLOCK if f.name.startswith("mlp_block") else 1
+            values[f.name] = max(floor, min(value, tiles.next_power_of_2(fitted[f.name]))) if f.name in fitted else value
+    return KernelConfig(**values)
+
+
+def _kernel_rule(config: TrialConfig, shared_memory_bytes: int | None) -> str:
+    """Why the Triton kernels of ``config`` cannot run ('' if they can, or none is selected)."""
+    k, par = config.kernels, config.parallel
+    if k.mlp == "triton" and par.tp > 1:
+        return ("mlp_kernel=triton with tp > 1 is not run yet (the kernel would bypass the column-wise "
+                f"split of mlp.fc), but got tp={par.tp}")
+    if k.layernorm == "triton" and par.sequence_parallel:
+        return "layernorm_kernel=triton with sequence_parallel is not run yet (its weights are DTensors there)"
+    if config.run.device == "cpu" and k.selected() and config.precision.precision != "fp32":
+        return (f"Triton kernels on CPU run in the interpreter in fp32 only, but got "
+                f"precision={config.precision.precision} with {', '.join(k.selected())} in triton")
+    dtype_bytes = 4 if config.precision.precision == "fp32" else 2
+    shapes = tiles.kernel_shapes(config)
+    for kernel in k.selected():
+        reason = tiles.infeasible_reason(kernel, tiles.kernel_tiles(k, kernel), shapes[kernel], dtype_bytes,
+                                         shared_memory_bytes)
+        if reason:
+            return f"{kernel} kernel: {reason}"
+    return ""

@@ -38,6 +38,22 @@ DATASHEET_PEAK_FLOPS: dict[str, dict[str, float]] = {
 }
 
 
+# Peak memory bandwidth (bytes/s) from the same datasheets, for memory-bound kernels.
+DATASHEET_PEAK_BANDWIDTH: dict[str, float] = {
+    "H200": 4.8e12, "H100 SXM": 3.35e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100": 2.0e12,
+    "A10G": 0.6e12, "L40S": 0.864e12, "L4": 0.3e12, "RTX 4090": 1.008e12, "RTX 3090": 0.936e12,
+    "V100": 0.9e12, "T4": 0.32e12,
+}
+
+
+def datasheet_bandwidth(gpu_name: str) -> tuple[float, str] | None:
+    """The table's bytes/s for a GPU name, longest key first."""
+    for key in sorted(DATASHEET_PEAK_BANDWIDTH, key=len, reverse=True):
+        if key.lower() in gpu_name.lower():
+            return DATASHEET_PEAK_BANDWIDTH[key], f"datasheet: {key}"
+    return None
+
+
 def datasheet_peak(gpu_name: str, precision: str) -> tuple[float, str] | None:
     """The table's figure for a GPU name such as "NVIDIA H100 80GB HBM3", longest key first."""
     for key in sorted(DATASHEET_PEAK_FLOPS, key=len, reverse=True):
@@ -155,7 +171,9 @@ def _probe() -> dict[str, Any]:
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
-            gpus.append({"name": p.name, "memory_bytes": p.total_memory, "capability": [p.major, p.minor]})
+            gpus.append({"name": p.name, "memory_bytes": p.total_memory, "capability": [p.major, p.minor],
+                         # what one Triton program may claim (the opt-in maximum), for the tile rules
+                         "shared_memory_bytes": _shared_memory(p, i)})
     flags = _cpu_flags()
     hardware = {
         "cpu_model": _cpu_model(),
@@ -182,6 +200,28 @@ def _probe() -> dict[str, Any]:
         "software": software,
         "native_precisions": native_precisions(gpus, flags),
     }
+
+
+def shared_memory_bytes(fingerprint: dict[str, Any], device: str) -> int | None:
+    """Shared memory per block of the smallest GPU (None on CPU, or if torch does not say)."""
+    gpus = fingerprint["hardware"]["gpus"]
+    if device != "cuda" or not gpus:
+        return None
+    sizes = [g.get("shared_memory_bytes") for g in gpus]
+    return None if None in sizes else min(sizes)
+
+
+def _shared_memory(props: Any, index: int) -> int | None:
+    """Shared memory one kernel may claim: torch's opt-in figure, else the one Triton checks against."""
+    found = getattr(props, "shared_memory_per_block_optin", None)
+    if found:
+        return int(found)
+    try:
+        from triton.runtime import driver
+
+        return int(driver.active.utils.get_device_properties(index)["max_shared_mem"])
+    except Exception:  # no triton, or a driver it does not know: the compiler remains the judge
+        return None
 
 
 def hardware_id(hardware: dict[str, Any]) -> str:

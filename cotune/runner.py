@@ -43,6 +43,7 @@ def trial_argv(
     trace_dir: Path | None = None,
     cache_dir: Path | None = None,
     world_size: int = 1,
+    kernel_cache: Path | None = None,
 ) -> list[str]:
     """The command that runs one trial: ``python -m cotune.trial CONFIG --result RESULT``.
 
@@ -57,6 +58,8 @@ def trial_argv(
         argv += ["--trace-dir", str(trace_dir)]
     if cache_dir is not None:
         argv += ["--cache-dir", str(cache_dir)]
+    if kernel_cache is not None:
+        argv += ["--kernel-cache", str(kernel_cache)]
     return argv
 
 
@@ -66,8 +69,11 @@ def run_trial(
     *,
     cache_dir: Path | None = None,
     trace: bool = False,
+    kernel_cache: Path | None = None,
 ) -> TrialResult:
     """Run ``config`` in its own process tree under ``trial_dir`` and say how it went.
+
+    ``kernel_cache`` is the study's file of Triton kernel timings (see cotune.trial.kernels.timing).
 
     The folder ends up holding ``config.json`` (the same JSON reruns the trial by hand),
     ``log.txt`` (stdout and stderr) and, if the trial got that far, ``result.json``.
@@ -78,19 +84,24 @@ def run_trial(
     config_path.write_text(config.to_json())
     result_path = trial_dir / "result.json"
     argv = trial_argv(config_path, result_path, trace_dir=trial_dir if trace else None, cache_dir=cache_dir,
-                      world_size=config.parallel.world_size)
+                      world_size=config.parallel.world_size, kernel_cache=kernel_cache)
     return run_process(
         argv,
         result_path=result_path,
         log_path=trial_dir / "log.txt",
         timeout_s=config.run.timeout_s,
-        env=_trial_env(),
+        env=_trial_env(config),
     )
 
 
-def _trial_env() -> dict[str, str]:
-    """Our environment, with this cotune first on the path so the trial runs the same code as the search."""
+def _trial_env(config: TrialConfig) -> dict[str, str]:
+    """Our environment, with this cotune first on the path so the trial runs the same code as the search.
+
+    A CPU trial with Triton kernels runs them in Triton's interpreter (set before triton is imported).
+    """
     env = dict(os.environ)
+    if config.run.device == "cpu" and config.kernels.selected():
+        env["TRITON_INTERPRET"] = "1"
     package_root = str(Path(__file__).resolve().parent.parent)
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     if package_root not in paths:

@@ -20,7 +20,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from cotune import __version__, derive, memory
+from cotune import __version__, derive, hardware, memory
 from cotune.config import STATUSES, TrialConfig, TrialResult
 from cotune.errors import UserError
 from cotune.space import OBJECTIVES, SearchSpace
@@ -234,6 +234,7 @@ def run_search(
         config, reason = derive.build_config(
             settings.space, knob_values, world_size=settings.world_size, vocab_size=settings.vocab_size,
             seed=trial.number if settings.seed is None else settings.seed, profile=settings.profile,
+            shared_memory_bytes=hardware.shared_memory_bytes(settings.fingerprint, settings.space.hardware.device),
         )
         estimate = None
         if config is not None:
@@ -294,6 +295,7 @@ def record(
         "loss_curve": result_dict["loss_curve"],
         "phase_seconds": result_dict["phase_seconds"],
         "profile_top_ops": result_dict["profile_top_ops"],
+        "kernel_timings": result_dict["kernel_timings"],
         "trace_artifact_id": trace_artifact,
         "error_tail": result.error_tail[-4000:],
         "reason": result.reason,

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cotune import constraints
-from cotune.config import PP_SCHEDULES, PRECISIONS
+from cotune.config import KERNEL_IMPLS, KERNELS, PP_SCHEDULES, PRECISIONS
 from cotune.errors import UserError
 
 
@@ -30,6 +30,8 @@ class Knob:
     high: float | None = None
     high_exclusive: bool = False
     values: tuple[Any, ...] | None = None  # the only valid values (strings)
+    power_of_two: bool = False  # Triton tile sizes and warp counts
+    tile_of: str | None = None  # a Triton tile knob of this kernel: sampled only when the kernel runs in Triton
 
 
 KNOBS: dict[str, Knob] = {
@@ -52,6 +54,18 @@ KNOBS: dict[str, Knob] = {
     "pp_schedule": Knob("parallel", str, values=PP_SCHEDULES),
     "pp_microbatches": Knob("parallel", int, low=1),
     "pp_virtual_stages": Knob("parallel", int, low=1),
+    # Triton kernels (cotune.trial.kernels): `kernels` picks torch or triton for all three; a
+    # per-kernel knob overrides it for one. Tiles are explicit values, never autotuned in a trial.
+    "kernels": Knob("kernels", str, values=KERNEL_IMPLS),
+    **{f"{k}_kernel": Knob("kernels", str, values=KERNEL_IMPLS) for k in KERNELS},
+    **{f"mlp_{t}": Knob("kernels", int, low=1, power_of_two=True, tile_of="mlp")
+       for t in ("block_m", "block_n", "block_k", "group_m")},
+    "mlp_num_warps": Knob("kernels", int, low=1, high=32, power_of_two=True, tile_of="mlp"),
+    "mlp_num_stages": Knob("kernels", int, low=1, high=8, tile_of="mlp"),
+    "ce_block_size": Knob("kernels", int, low=1, power_of_two=True, tile_of="cross_entropy"),
+    "ce_num_warps": Knob("kernels", int, low=1, high=32, power_of_two=True, tile_of="cross_entropy"),
+    "ln_block_size": Knob("kernels", int, low=1, power_of_two=True, tile_of="layernorm"),
+    "ln_num_warps": Knob("kernels", int, low=1, high=32, power_of_two=True, tile_of="layernorm"),
 }
 # Values computed from the knobs, never sampled; constraints may read them.
 DERIVED = ("dp", "grad_accum_steps", "world_size")  # world_size is also a knob where a space tunes it
@@ -245,6 +259,8 @@ def check_value(name: str, value: Any) -> None:
         ok = isinstance(value, str)
     if not ok:
         raise ValueError(f"knob {name!r} takes {knob.type.__name__} values, got {value!r}")
+    if knob.power_of_two and int(value) & (int(value) - 1):
+        raise ValueError(f"knob {name!r}: {value!r} is not a power of two (Triton tiles and warp counts are)")
     if knob.values is not None and value not in knob.values:
         raise ValueError(f"knob {name!r}: {value!r} is not one of {', '.join(knob.values)}")
     if knob.low is not None and value < knob.low or (

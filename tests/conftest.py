@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pytest
 
+# Triton's kernels run in its interpreter on a machine without a GPU, and the mode is fixed
+# when triton is first imported (its own library is decorated then). So it is chosen here,
+# before any test imports triton; trials started by tests inherit it.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = Path(__file__).resolve().parent.parent
 CPU_SPACE = ROOT / "search_spaces" / "cpu-tiny-gpt.yaml"
 

@@ -59,8 +59,13 @@ def test_layout_rules_and_constraints_name_every_value():
     config, _ = derive.build_config(space, {"pp": 2, "pp_schedule": "1f1b", "pp_virtual_stages": 2,
                                             "global_batch_size": 64, "pp_microbatches": 4}, world_size=2, vocab_size=256)
     assert config.parallel.pp_virtual_stages == 1
-    _, reason = derive.build_config(space, {"precision": "fp16", "global_batch_size": 64}, world_size=8, vocab_size=256)
-    assert reason == "fp16 loss scaling across processes is not run yet, but got precision=fp16 with world_size=8"
+    gpu8 = load_space(ROOT / "search_spaces" / "gpu-8-gpt2-medium.yaml")
+    gpu8 = gpu8.model_copy(update={"workload": gpu8.workload.model_copy(update={"seq_len": 60})})
+    _, reason = derive.build_config(gpu8, {"tp": 8, "sequence_parallel": True, "global_batch_size": 64},
+                                    world_size=8, vocab_size=256)
+    assert reason == "seq_len % tp == 0 must hold with sequence_parallel, but got seq_len=60, tp=8"
+    config, reason = derive.build_config(space, {"tp": 1, "sequence_parallel": True}, world_size=8, vocab_size=256)
+    assert config.parallel.sequence_parallel is False  # nothing to shard along the sequence without tp
 
 
 def test_declared_constraint_names_every_value(cpu_space):
@@ -96,3 +101,49 @@ def test_config_round_trips_through_json(cpu_space):
     assert again == config
     with pytest.raises(ValueError, match=r"config.batch: unknown key\(s\) \['micro'\]"):
         TrialConfig.from_dict({**config.to_dict(), "batch": {"micro": 1}})
+
+
+def test_tile_knobs_are_asked_for_only_when_their_kernel_runs_in_triton():
+    space = load_space(ROOT / "search_spaces" / "gpu-1-gpt2-small.yaml")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    seen = set()
+    for _ in range(30):
+        values = derive.suggest(study.ask(), space, ["fp32", "bf16", "fp16"])
+        tile_knobs = {n for n in values if n.startswith(("mlp_", "ce_", "ln_"))}
+        seen.add(values["kernels"])
+        assert bool(tile_knobs) == (values["kernels"] == "triton"), values
+    assert seen == {"torch", "triton"}
+
+
+def test_tiles_left_out_are_cut_to_their_dimension(cpu_space):
+    config, reason = derive.build_config(cpu_space, {"kernels": "triton", "micro_batch_size": 4},
+                                         world_size=1, vocab_size=256)
+    assert reason == ""
+    k = config.kernels
+    assert (k.mlp, k.cross_entropy, k.layernorm) == ("triton", "triton", "triton")
+    # n_embd 64: the LayerNorm block covers 64 channels, not the default 1024; vocabulary 256.
+    assert (k.ln_block_size, k.ce_block_size) == (64, 256)
+    assert (k.mlp_block_m, k.mlp_block_n, k.mlp_block_k) == (64, 64, 32)  # M = 4 * 64, N = 256, K = 64
+    config, _ = derive.build_config(cpu_space, {"kernels": "triton", "layernorm_kernel": "torch"},
+                                    world_size=1, vocab_size=256)
+    assert config.kernels.selected() == ["mlp", "cross_entropy"]
+
+
+def test_tile_rules_name_every_value(cpu_space):
+    _, reason = derive.build_config(cpu_space, {"kernels": "triton", "ce_block_size": 1024}, world_size=1,
+                                    vocab_size=256)
+    assert reason == "cross_entropy kernel: BLOCK_SIZE <= next_power_of_2(V) must hold, but got BLOCK_SIZE=1024, V=256"
+    _, reason = derive.build_config(cpu_space, {"kernels": "triton", "precision": "bf16"}, world_size=1,
+                                    vocab_size=256)
+    assert reason.startswith("Triton kernels on CPU run in the interpreter in fp32 only, but got precision=bf16")
+    gpu = load_space(ROOT / "search_spaces" / "gpu-1-gpt2-small.yaml")
+    big = {"kernels": "triton", "precision": "bf16", "mlp_block_m": 128, "mlp_block_n": 128, "mlp_block_k": 64,
+           "mlp_num_stages": 4, "ce_block_size": 256, "ln_block_size": 256}
+    _, reason = derive.build_config(gpu, big, world_size=1, vocab_size=256, shared_memory_bytes=232448)
+    assert reason == ""  # 4 * (128*64 + 64*128) * 2 bytes = 128 KiB fits an H100's 227 KiB
+    _, reason = derive.build_config(gpu, big, world_size=1, vocab_size=256, shared_memory_bytes=99 * 1024)
+    assert reason.startswith("mlp kernel: num_stages * (BLOCK_M*BLOCK_K + BLOCK_K*BLOCK_N) * dtype_bytes")
+    gpu8 = load_space(ROOT / "search_spaces" / "gpu-8-gpt2-medium.yaml")
+    _, reason = derive.build_config(gpu8, {"kernels": "triton", "tp": 2, "precision": "bf16"}, world_size=8,
+                                    vocab_size=256)
+    assert reason.startswith("mlp_kernel=triton with tp > 1 is not run yet") and "tp=2" in reason

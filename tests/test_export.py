@@ -19,6 +19,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -28,6 +29,7 @@ import pytest
 
 from cotune.config import (
     BatchConfig,
+    KernelConfig,
     OptimizerConfig,
     ParallelConfig,
     PrecisionConfig,
@@ -342,6 +344,16 @@ def test_knobs_a_target_cannot_express_are_listed(fmt):
     listed = export(CONFIGS[config_name], fmt).unexpressed
     for prefix in expected:
         assert any(item.startswith(prefix + ":") or item.startswith(prefix + " ") for item in listed), (prefix, listed)
+
+
+@pytest.mark.parametrize("fmt", sorted(EXPECTED_LOST))
+def test_triton_kernels_are_listed_with_their_tiles(fmt):
+    config = replace(CONFIGS["ddp"], kernels=KernelConfig(mlp="triton", layernorm="triton", mlp_block_m=128))
+    listed = export(config, fmt).unexpressed
+    lines = [item for item in listed if item.startswith("kernels.")]
+    assert [line.split(":")[0] for line in lines] == ["kernels.mlp=triton", "kernels.layernorm=triton"], listed
+    assert "BLOCK_M=128" in lines[0]
+    assert not any(item.startswith("kernels.") for item in export(CONFIGS["ddp"], fmt).unexpressed)
 
 
 def test_json_expresses_everything():

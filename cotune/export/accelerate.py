@@ -15,6 +15,7 @@ from cotune.export.base import (
     Exported,
     budget_steps,
     comment_header,
+    kernel_notes,
     knob,
     pipeline_value,
     register,
@@ -69,7 +70,7 @@ def export_accelerate(config: TrialConfig) -> Exported:
         "same_network": True,
         "debug": False,
     }
-    lost = _in_code(config)
+    lost = _in_code(config) + kernel_notes(config)
     if sharded:
         doc["fsdp_config"] = {
             "fsdp_version": 2,

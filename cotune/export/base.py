@@ -115,6 +115,17 @@ def launcher_note(config: TrialConfig, how: str) -> list[str]:
     return [f"world size={world} (dp*fsdp*tp*pp): the launcher sets the process count, e.g. {how}"]
 
 
+def kernel_notes(config: TrialConfig) -> list[str]:
+    """One line per op the trial ran as cotune's Triton kernel: a trainer runs its own op there."""
+    k = config.kernels
+    tiles = {"mlp": f"BLOCK_M={k.mlp_block_m}, BLOCK_N={k.mlp_block_n}, BLOCK_K={k.mlp_block_k}, GROUP_M={k.mlp_group_m}, "
+                    f"num_warps={k.mlp_num_warps}, num_stages={k.mlp_num_stages}",
+             "cross_entropy": f"BLOCK_SIZE={k.ce_block_size}, num_warps={k.ce_num_warps}",
+             "layernorm": f"BLOCK_SIZE={k.ln_block_size}, num_warps={k.ln_num_warps}"}
+    return [knob(f"kernels.{name}", "triton", f"the trainer runs its own op; cotune's kernel ran with {tiles[name]} "
+                 f"(cotune.trial.kernels, importable into a model of your own)") for name in k.selected()]
+
+
 def comment_header(title: str, usage: str, unexpressed: list[str]) -> str:
     """A ``#`` comment block: what the file is, how to use it, and what it leaves out."""
     lines = [f"# {title}", f"# Use: {usage}"]

@@ -16,6 +16,7 @@ from cotune.export.base import (
     MIN_LR_RATIO,
     Exported,
     budget_steps,
+    kernel_notes,
     knob,
     launcher_note,
     pipeline_micro_batch,
@@ -63,7 +64,7 @@ def export_deepspeed(config: TrialConfig) -> Exported:
     if par.tp > 1:
         ds["tensor_parallel"] = {"autotp_size": par.tp}  # DeepSpeed AutoTP training
 
-    lost = launcher_note(config, f"deepspeed --num_gpus {par.world_size}")
+    lost = launcher_note(config, f"deepspeed --num_gpus {par.world_size}") + kernel_notes(config)
     lost.append(knob("optimizer.weight_decay", opt.weight_decay,
                      "the trial exempts biases and norm weights (tensors under 2-D); DeepSpeed decays every "
                      "parameter group deepspeed.initialize gets, so pass those with weight_decay 0.0"))

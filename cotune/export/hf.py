@@ -16,6 +16,7 @@ from cotune.export.base import (
     MIN_LR_RATIO,
     Exported,
     budget_steps,
+    kernel_notes,
     knob,
     launcher_note,
     pipeline_value,
@@ -67,7 +68,7 @@ def export_hf(config: TrialConfig) -> Exported:
     else:
         args["activation_checkpointing"] = sw.activation_checkpointing
 
-    lost = launcher_note(config, f"torchrun --nproc-per-node {par.world_size}")
+    lost = launcher_note(config, f"torchrun --nproc-per-node {par.world_size}") + kernel_notes(config)
     parallel_config = _NO_PARALLEL_CONFIG.format(dp=par.dp, fsdp=par.fsdp, tp=par.tp)
     if par.tp > 1:
         lost.append(knob("parallel.tp", par.tp, parallel_config))

@@ -18,6 +18,7 @@ from cotune.export.base import (
     Exported,
     budget_steps,
     comment_header,
+    kernel_notes,
     knob,
     pipeline_value,
     register,
@@ -46,7 +47,7 @@ def export_lightning(config: TrialConfig) -> Exported:
     """Trainer arguments and LightningCLI's optimizer block; the rest as comments."""
     b, par, opt, sw = config.batch, config.parallel, config.optimizer, config.software
     steps, warmup = budget_steps(config), warmup_steps(config)
-    lost = []
+    lost = kernel_notes(config)
     precision = _PRECISION[config.precision.precision]
     if par.tp > 1 and precision == "16-mixed":
         # ModelParallelStrategy refuses 16-mixed (fp16 with a loss scaler); 16-true would drop the scaler.

@@ -16,6 +16,7 @@ from cotune.export.base import (
     Exported,
     budget_steps,
     comment_header,
+    kernel_notes,
     knob,
     launcher_note,
     pipeline_micro_batch,
@@ -82,7 +83,7 @@ def export_megatron(config: TrialConfig) -> Exported:
         args += [_flag("use-megatron-fsdp"), _flag("data-parallel-sharding-strategy", "optim_grads_params"),
                  _flag("use-distributed-optimizer"), _flag("ckpt-format", "fsdp_dtensor")]
 
-    lost = launcher_note(config, f"torchrun --nproc-per-node {par.world_size} pretrain_gpt.py")
+    lost = launcher_note(config, f"torchrun --nproc-per-node {par.world_size} pretrain_gpt.py") + kernel_notes(config)
     if sw.compile:
         lost.append(knob("software.compile", True, "Megatron-LM has no torch.compile switch (it uses fused kernels)"))
     if par.dp > 1 and par.fsdp > 1:

@@ -148,6 +148,10 @@ def config_from_study(stored: dict[str, Any], number: int) -> tuple[TrialConfig,
     defaults = TrialConfig()
     for field in dataclasses.fields(TrialConfig):
         section = data.get(field.name)
+        if section is None:  # a whole section an older cotune did not have (kernels: all torch)
+            data[field.name] = dataclasses.asdict(getattr(defaults, field.name))
+            filled.append(field.name)
+            continue
         if not isinstance(section, dict):
             continue  # from_dict reports it
         for name, value in dataclasses.asdict(getattr(defaults, field.name)).items():

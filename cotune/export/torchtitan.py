@@ -17,6 +17,7 @@ from cotune.export.base import (
     Exported,
     budget_steps,
     comment_header,
+    kernel_notes,
     knob,
     launcher_note,
     pipeline_micro_batch,
@@ -36,7 +37,7 @@ def _settings(config: TrialConfig) -> tuple[dict[str, dict], list[str]]:
     w = config.workload
     precision = config.precision.precision
     lost = launcher_note(config, f"NGPU={par.world_size} ./run_train.sh, or torchrun --nproc-per-node "
-                                 f"{par.world_size} -m torchtitan.train")
+                                 f"{par.world_size} -m torchtitan.train") + kernel_notes(config)
     lost.append(knob("workload.model", w.model, f"cotune's model ({w.n_layer} layers, {w.n_embd} wide, {w.n_head} "
                      f"heads) is not a torchtitan model; {PLACEHOLDER_MODULE}/{PLACEHOLDER_CONFIG} stands in, "
                      "replace it with your own"))

@@ -14,6 +14,7 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
+from cotune.config import KERNELS
 from cotune.space import OBJECTIVES
 
 # Metrics a trial records that the report reads; any may be missing (NaN).
@@ -22,7 +23,7 @@ METRIC_COLUMNS = (
     "flops_per_token", "tokens_trained",
 )
 # The TrialConfig sections whose values a user tunes (workload and run are fixed per study).
-CONFIG_SECTIONS = ("batch", "parallel", "precision", "optimizer", "software")
+CONFIG_SECTIONS = ("batch", "parallel", "precision", "optimizer", "software", "kernels")
 
 
 def _status(t: optuna.trial.FrozenTrial) -> str:
@@ -105,7 +106,9 @@ def flat_knobs(config: dict[str, Any]) -> dict[str, Any]:
     older cotune (with fewer fields) still reads.
     """
     out: dict[str, Any] = {}
-    for values in config_sections(config).values():
+    for section, values in config_sections(config).items():
+        if section == "kernels":  # the kernel choices by their knob names (mlp -> mlp_kernel), as TrialConfig.flat
+            values = {f"{k}_kernel" if k in KERNELS else k: v for k, v in values.items()}
         out.update(values)
     p = config.get("parallel") or {}
     out["world_size"] = p.get("dp", 1) * p.get("fsdp", 1) * p.get("tp", 1) * p.get("pp", 1)

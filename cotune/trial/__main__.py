@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--result", type=Path, required=True, help="where to write the TrialResult JSON")
     parser.add_argument("--trace-dir", type=Path, default=None, help="folder for the profiler's Chrome trace")
     parser.add_argument("--cache-dir", type=Path, default=None, help="prepared data and probes (default: ~/.cache/cotune)")
+    parser.add_argument("--kernel-cache", type=Path, default=None, help="JSON file of Triton kernel timings to reuse")
     args = parser.parse_args(argv)
 
     from cotune.config import TrialConfig
@@ -36,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         from cotune.trial.train import run_trial  # imports torch
 
         result = run_trial(
-            config, cache_dir=args.cache_dir or default_cache_dir(), trace_dir=args.trace_dir, own_process=True
+            config, cache_dir=args.cache_dir or default_cache_dir(), trace_dir=args.trace_dir, own_process=True,
+            kernel_cache=args.kernel_cache,
         )
     except UserError as e:
         print(f"cotune trial: error: {e}", file=sys.stderr)

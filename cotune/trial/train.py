@@ -27,12 +27,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from cotune import hardware
+from cotune import hardware, tiles
 from cotune.config import PRECISIONS, OptimizerConfig, TrialConfig, TrialResult
 from cotune.data import open_splits, prepare_data
 from cotune.errors import UserError
 from cotune.trial import distributed, measure
 from cotune.trial.distributed import Dist
+from cotune.trial.loss_scale import DynamicLossScaler
 from cotune.trial.parallelize import Parallel, clip_grad_norm, parallelize, sync_tied_grads
 from cotune.trial.workloads import apply_activation_checkpointing, build_model
 
@@ -42,14 +43,20 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def run_trial(
-    config: TrialConfig, *, cache_dir: Path, trace_dir: Path | None = None, own_process: bool = False
+    config: TrialConfig,
+    *,
+    cache_dir: Path,
+    trace_dir: Path | None = None,
+    own_process: bool = False,
+    kernel_cache: Path | None = None,
 ) -> TrialResult:
     """Train ``config``'s workload for its token budget and measure it.
 
     ``cache_dir`` holds prepared data and the peak-FLOP/s probe; ``trace_dir``, if given,
     receives the Chrome trace of a profiled run. ``own_process`` says the process was
     started for this trial alone (``python -m cotune.trial``), so ``start_and_import``
-    counts from process creation; otherwise it is 0.
+    counts from process creation; otherwise it is 0. ``kernel_cache`` is the JSON file of
+    Triton kernel timings shared by a study's trials.
     """
     phases = {"start_and_import": measure.process_age_s() if own_process else 0.0}
     reason = infeasible_reason(config)
@@ -57,8 +64,11 @@ def run_trial(
         return TrialResult("infeasible", reason=reason, phase_seconds=phases)
     d = distributed.init(config)
     try:
-        return _run(config, d, Path(cache_dir), trace_dir if d.rank == 0 else None, phases)
+        return _run(config, d, Path(cache_dir), trace_dir if d.rank == 0 else None, phases, kernel_cache)
     except Exception as e:  # MemoryError and torch.OutOfMemoryError are Exceptions too
+        if tiles.is_out_of_resources(e):  # only Triton's compiler could tell: the tiles do not fit this GPU
+            return TrialResult("infeasible", phase_seconds=phases, error_tail=str(e)[-2000:],
+                               reason=f"Triton tiles do not fit the device: {str(e).splitlines()[0][:300]}")
         if not measure.is_oom(e):
             raise
         tail = "".join(traceback.format_exception(e)).strip().splitlines()[-12:]
@@ -92,10 +102,11 @@ def infeasible_reason(config: TrialConfig) -> str:
             f"measured_steps={run.measured_steps}, warmup_steps={run.warmup_steps}, "
             f"token_budget={run.token_budget}, eval_tokens={run.eval_tokens}"
         )
-    if par.world_size > 1 and precision == "fp16":
-        return "fp16 loss scaling across processes is not run yet (the scaler's overflow skip must agree on every rank)"
-    if par.sequence_parallel:
-        return "sequence parallel is not run yet"
+    if par.sequence_parallel and (par.tp == 1 or config.workload.seq_len % par.tp):
+        raise ValueError(
+            "sequence_parallel needs tp > 1 and seq_len % tp == 0, but got "
+            f"tp={par.tp}, seq_len={config.workload.seq_len}"
+        )
     if run.device == "cuda":
         if not torch.cuda.is_available():
             return "device cuda was asked for, but torch sees no CUDA device here"
@@ -123,8 +134,12 @@ def learning_rate_at(step: int, opt: OptimizerConfig, budget_steps: int) -> floa
 class _Trainer:
     """Model (as this rank holds it), optimizer, loss scaler and batches: ``step`` is one optimizer step."""
 
-    def __init__(self, config: TrialConfig, par: Parallel, d: Dist, train_tokens: np.ndarray) -> None:
+    def __init__(
+        self, config: TrialConfig, par: Parallel, d: Dist, train_tokens: np.ndarray, scaler: DynamicLossScaler,
+        train_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> None:
         self.config = config
+        self.train_loss = train_loss  # mean over tokens; PyTorch's or the Triton kernel's
         self.d = d
         self.device = d.device
         self.par = par
@@ -144,8 +159,7 @@ class _Trainer:
             fused=self.device.type == "cuda" and d.world_size == 1,
         )
         precision = config.precision.precision
-        # fp16's narrow range needs dynamic loss scaling; disabled, the scaler is a pass-through.
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        self.scaler = scaler  # fp16 only; otherwise a pass-through
         self.autocast: Callable[[], contextlib.AbstractContextManager] = (
             (lambda: torch.autocast(self.device.type, dtype=_DTYPES[precision]))
             if precision in _DTYPES
@@ -175,9 +189,10 @@ class _Trainer:
                 for k in range(b.grad_accum_steps)]
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Training loss (mean); with reduction="sum", PyTorch's fp32 cross-entropy, for evaluation."""
         with self.autocast():
             logits = self.par.modules[0](x)  # (B, T, V)
-        return _cross_entropy(logits, y, reduction)
+        return self.train_loss(logits, y) if reduction == "mean" else _cross_entropy(logits, y, reduction)
 
     def step(self, lr: float) -> torch.Tensor:
         """One optimizer step over grad_accum_steps micro batches; returns their mean loss (a 0-d tensor).
@@ -196,14 +211,15 @@ class _Trainer:
                 self.scaler.scale(loss / accum).backward()
             else:
                 total = total + self._pipeline_step(x, y) * accum
-        self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+        self.scaler.unscale_(self.params)  # clip the true gradients, not the scaled ones
         if self.d.world_size == 1:
-            nn.utils.clip_grad_norm_(self.params, self.config.optimizer.grad_clip)
+            norm = nn.utils.clip_grad_norm_(self.params, self.config.optimizer.grad_clip)
         else:
             sync_tied_grads(self.par)
-            clip_grad_norm(self.par, self.config.optimizer.grad_clip, self.d)
-        self.scaler.step(self.optimizer)  # skipped by the scaler if fp16 gradients overflowed
-        self.scaler.update()
+            norm = clip_grad_norm(self.par, self.config.optimizer.grad_clip, self.d)
+        # Only fp16 reads the norm back (a device sync); False: its gradients overflowed, every rank skips.
+        if not self.scaler.enabled or self.scaler.update(float(norm)):
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         mean = total / accum
         if self.d.world_size > 1:
@@ -224,7 +240,7 @@ class _Trainer:
             self.par.schedule.step(*args, target=target, losses=losses)
         if not losses:
             return torch.zeros((), device=self.device)
-        return torch.stack([t.detach().float() for t in losses]).sum()
+        return torch.stack([t.detach().float() for t in losses]).sum() / self.scaler.value  # unscaled
 
     @torch.no_grad()
     def evaluate(self, val_tokens: np.ndarray) -> float:
@@ -252,7 +268,9 @@ class _Trainer:
     def _pipeline_forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """Summed loss of one batch through the stages in order (0 on ranks off the last stage)."""
         group, pp = self.d.group("pp"), self.d.pp_size
-        hidden = (x.shape[0], x.shape[1], self.config.workload.n_embd)
+        par = self.config.parallel
+        T = x.shape[1] // par.tp if par.sequence_parallel else x.shape[1]  # this rank's positions
+        hidden = (x.shape[0], T, self.config.workload.n_embd)
         out = 0.0
         for stage in range(self.par.num_stages):
             if stage not in self.par.stage_ids:
@@ -278,7 +296,8 @@ def _cross_entropy(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean
 
 
 def _run(
-    config: TrialConfig, d: Dist, cache_dir: Path, trace_dir: Path | None, phases: dict[str, float]
+    config: TrialConfig, d: Dist, cache_dir: Path, trace_dir: Path | None, phases: dict[str, float],
+    kernel_cache: Path | None,
 ) -> TrialResult:
     run, wl = config.run, config.workload
     device = d.device
@@ -297,10 +316,18 @@ def _run(
     t = time.perf_counter()
     torch.manual_seed(run.seed)  # weights: every rank builds the same full model, then takes its part
     model = build_model(wl)
+    if config.kernels.selected():  # imports triton: only trials that run a kernel pay for it
+        from cotune.trial.kernels.apply import apply_kernels, cross_entropy_loss
+
+        apply_kernels(model, config.kernels)
+        train_loss = cross_entropy_loss(config.kernels) or _cross_entropy
+    else:
+        train_loss = _cross_entropy
     n_params = model.n_params() if hasattr(model, "n_params") else sum(p.numel() for p in model.parameters())
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # the peak from here on: weights, activations, optimizer state
     model.to(device)
+    scaler = DynamicLossScaler(enabled=config.precision.precision == "fp16")
     if d.world_size == 1:
         if config.software.activation_checkpointing:
             apply_activation_checkpointing(model)  # before compile, so compile traces the wrapped blocks
@@ -308,9 +335,10 @@ def _run(
             model = torch.compile(model)  # compiles lazily: the cost lands in the warm-up steps
         par = Parallel(modules=[model], stage_ids=[0], num_stages=1)
     else:
-        scale = config.batch.grad_accum_steps * (config.parallel.pp_microbatches if config.parallel.pp > 1 else 1)
-        par = parallelize(model, config, d, loss_fn=lambda out, tgt: _cross_entropy(out, tgt) / scale)
-    trainer = _Trainer(config, par, d, train_tokens)
+        parts = config.batch.grad_accum_steps * (config.parallel.pp_microbatches if config.parallel.pp > 1 else 1)
+        par = parallelize(model, config, d, loss_fn=lambda out, tgt: scaler.scale(train_loss(out, tgt) / parts))
+        del model  # pipelined, the stages are copies: the unsplit model would only hold memory
+    trainer = _Trainer(config, par, d, train_tokens, scaler, train_loss)
     phases["model_build"] = time.perf_counter() - t
 
     tokens_per_step = config.batch.global_batch_size * wl.seq_len
@@ -383,6 +411,15 @@ def _run(
         result.status = "diverged"
         result.reason = f"validation loss is {val_loss} after {budget_steps} steps"
         return result
+
+    if config.kernels.selected() and d.rank == 0:
+        from cotune.trial.kernels.timing import time_kernels
+
+        t = time.perf_counter()
+        result.kernel_timings = time_kernels(config, device, kernel_cache)
+        phases["kernel_timing"] = time.perf_counter() - t
+    if config.kernels.selected() and d.world_size > 1:
+        dist.barrier()  # the other ranks wait here while rank 0 times the kernels
 
     if run.profile:
         t = time.perf_counter()
