@@ -51,6 +51,12 @@ def tile_space(space, config, kernel: str, shared_memory: int | None) -> list:
             if not tiles.infeasible_reason(kernel, t, shape, dtype_bytes, shared_memory)]
 
 
+def label_of(t: tiles.MatmulTiles | tiles.RowTiles) -> str:
+    if isinstance(t, tiles.MatmulTiles):
+        return f"{t.block_m}x{t.block_n}x{t.block_k} group {t.group_m}, {t.num_warps} warps, {t.num_stages} stages"
+    return f"block {t.block_size}, {t.num_warps} warps"
+
+
 def work(kernel: str, shape: dict[str, int], dtype_bytes: int) -> tuple[float, str]:
     """The figure a kernel is judged by per forward + backward: FLOPs for the matmul, bytes for the row kernels."""
     if kernel == "mlp":  # forward x·Wᵀ, backward dx and dW: three M·N·K matmuls
@@ -127,7 +133,7 @@ def main() -> int:
         runs = [("pytorch eager", untuned, lambda w: w.reference)]
         if not args.cpu_interpreter:  # compiling on CPU takes minutes and is not what is compared
             runs.append(("torch.compile", untuned, lambda w: torch.compile(w.reference)))
-        runs += [(f"triton {t}", asdict(t), lambda w: w.kernel) for t in candidates]
+        runs += [(f"triton {label_of(t)}", asdict(t), lambda w: w.kernel) for t in candidates]
         for label, tile_values, forward_of in runs:
             w = workload(kernel, shape, tile_values, dtype, device)
             memory = None

@@ -367,6 +367,15 @@ def test_a_search_with_triton_kernels_completes_and_records_their_timings(tmp_pa
     cache = tmp_path / "cotune-runs" / "cpu-triton-tiny" / "kernel-timings.json"
     assert len(json.loads(cache.read_text())) == len(selected)
 
+    out = run_cli("report", "-o", "report.html", cwd=tmp_path)  # the report shows each kernel's timing
+    assert out.returncode == 0, out.stdout + out.stderr
+    html = (tmp_path / "report.html").read_text()
+    section = html[html.index('<section id="kernels">'):]
+    section = section[:section.index("</section>")]
+    assert section.count("<tr>") == 1 + len(selected)  # the header and one row per kernel
+    assert "CPU interpreter: they show the path works" in section
+    assert all(f"<td>{k}</td>" in section for k in selected)
+
 
 @pytest.mark.slow
 def test_triton_kernels_train_as_pytorch_does_and_reuse_measured_timings(tmp_path):

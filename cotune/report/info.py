@@ -21,6 +21,7 @@ from cotune.config import STATUSES
 from cotune.report import analysis
 from cotune.report.baseline import baseline_knobs, differences, is_baseline
 from cotune.report.frame import trials_frame
+from cotune.report.kernels import kernel_rows
 from cotune.space import OBJECTIVES
 from cotune.study import objectives_of, pareto_trials
 
@@ -74,6 +75,7 @@ class ReportInfo:
     failures: pd.DataFrame
     fingerprint: dict[str, Any]
     run: dict[str, Any]
+    kernels: pd.DataFrame  # distinct Triton kernel timings (cotune.report.kernels), empty without any
     notes: dict[str, str] = field(default_factory=dict)  # section -> what is missing, and why
 
     @property
@@ -138,6 +140,7 @@ def report_info(study: optuna.Study) -> ReportInfo:
         picks=picks, knee=knee, extremes=extremes, convergence=convergence, importances=importances,
         tunable=tunable, baseline=base, baseline_declared=declared, baseline_trial=baseline_trial,
         status_counts=counts, failures=failures, fingerprint=fingerprint, run=_run(study, frame, space),
+        kernels=kernel_rows(frame),
         notes={k: v for k, v in notes.items() if v},
     )
 

@@ -19,7 +19,7 @@ from cotune.report.info import ReportInfo
 from cotune.report.page import cell, document, e, figure, key_values, note, section, table
 
 NAV = [("pareto", "Pareto front"), ("pick", "What to pick"), ("convergence", "Convergence"), ("why", "Why"),
-       ("failed", "What failed"), ("where", "Where it ran"), ("depth", "Trials in depth")]
+       ("failed", "What failed"), ("kernels", "Kernels"), ("where", "Where it ran"), ("depth", "Trials in depth")]
 
 
 def render(info: ReportInfo) -> str:
@@ -31,7 +31,7 @@ def render(info: ReportInfo) -> str:
     }
     body = "".join([
         _pareto(info, figs), _pick(info), _convergence(info, figs), _why(info, figs), _failed(info),
-        _where(info), _depth(info, figs),
+        _kernels(info), _where(info), _depth(info, figs),
     ])
     any_figure = any(f is not None for f in figs.values())
     footer = (f"cotune {e(info.run.get('cotune_version') or '')} report of study {e(info.study_name)}, "
@@ -40,7 +40,8 @@ def render(info: ReportInfo) -> str:
     space = info.run.get("space_name") or "unknown space"
     subtitle = e(f"study {info.study_name} · space {space}" + (f" — {info.run['description']}"
                                                                if info.run.get("description") else ""))
-    return document(f"cotune report: {info.study_name}", subtitle, NAV, _cards(info), body, footer,
+    nav = [(a, t) for a, t in NAV if a != "kernels" or not info.kernels.empty]
+    return document(f"cotune report: {info.study_name}", subtitle, nav, _cards(info), body, footer,
                     get_plotlyjs() if any_figure else "")
 
 
@@ -230,6 +231,30 @@ def _failed(info: ReportInfo) -> str:
     parts.append(table(["trial", "status", "why", "changed from baseline"], rows, id="failures", sortable=True,
                        numeric={0}))
     return section("failed", "What failed", "".join(parts))
+
+
+def _kernels(info: ReportInfo) -> str:
+    """Each Triton kernel timing once (shown only when some trial ran a kernel in Triton)."""
+    k = info.kernels
+    if k.empty:
+        return ""
+    on_cpu = k["device"].astype(str).str.contains("interpreter").any()
+    parts = [
+        "<p>Each kernel a trial ran in Triton, timed alone at that trial's shapes, forward and backward, beside "
+        "the PyTorch op it replaces; trials with the same kernel, shape, dtype, tiles and device reuse one cached "
+        "figure. Speed vs PyTorch above 1× means the kernel is faster. Click a header to sort.</p>",
+        note("These timings come from Triton's CPU interpreter: they show the path works, not how fast the "
+             "kernels are on a GPU.", "info") if on_cpu else "",
+    ]
+    rows = [[cell(r["kernel"]), cell(r["shape"]), cell(r["dtype"]), cell(r["tiles"], cls="changes"),
+             cell(f"{r['triton_ms']:.3f}", r["triton_ms"], numeric=True),
+             cell(f"{r['torch_ms']:.3f}", r["torch_ms"], numeric=True),
+             cell(text.ratio(r["speedup"]), r["speedup"], numeric=True),
+             cell(", ".join(f"#{n}" for n in r["trials"]), len(r["trials"])), cell(f"{r['device']}; {r['timer']}")]
+            for _, r in k.iterrows()]
+    parts.append(table(["kernel", "shape", "dtype", "tiles", "Triton ms", "PyTorch ms", "speed vs PyTorch",
+                        "trials", "device; timer"], rows, id="kernels", sortable=True, numeric={4, 5, 6}))
+    return section("kernels", "Triton kernels: each one against PyTorch", "".join(parts))
 
 
 def _where(info: ReportInfo) -> str:
