@@ -154,6 +154,8 @@ def measured_peak(config: TrialConfig, tmp: Path, cache_dir: Path) -> float | st
 def label(c: TrialConfig) -> str:
     w, p = c.workload, c.parallel
     layout = ",".join(f"{k}={v}" for k, v in (("dp", p.dp), ("fsdp", p.fsdp), ("tp", p.tp), ("pp", p.pp)) if v > 1)
+    if p.sequence_parallel:
+        layout += " sp"
     if p.pp > 1:
         layout += f" {p.pp_schedule}×{p.pp_microbatches}"
     return f"{w.n_layer}L {w.n_embd}d T={w.seq_len}" + (f" {layout}" if layout else "")

@@ -144,7 +144,8 @@ def build_config(
         batch=BatchConfig(micro_batch_size=micro, global_batch_size=v["global_batch_size"], grad_accum_steps=grad_accum),
         parallel=ParallelConfig(
             dp=dp, fsdp=v["fsdp"], tp=v["tp"], pp=v["pp"], sequence_parallel=v["sequence_parallel"] and v["tp"] > 1,
-            pp_schedule=v["pp_schedule"], pp_microbatches=_microbatches(v) if v["pp"] > 1 else 1,
+            # Without a pipeline the schedule means nothing: one canonical value, so equal configs look equal.
+            pp_schedule=v["pp_schedule"] if v["pp"] > 1 else DEFAULTS["pp_schedule"], pp_microbatches=_microbatches(v) if v["pp"] > 1 else 1,
             # Virtual stages exist only in the interleaved schedule, which needs at least two.
             pp_virtual_stages=(max(2, v["pp_virtual_stages"]) if v["pp_schedule"] == "interleaved1f1b" else 1)
             if v["pp"] > 1 else 1,

@@ -236,6 +236,9 @@ def run_search(
             seed=trial.number if settings.seed is None else settings.seed, profile=settings.profile,
             shared_memory_bytes=hardware.shared_memory_bytes(settings.fingerprint, settings.space.hardware.device),
         )
+        if config is not None and config.kernels.selected() and not settings.fingerprint["software"].get("triton"):
+            reason = reason or ("kernels=triton needs Triton, which this machine does not have installed "
+                                "(pip install 'cotune[kernels]'; CUDA builds of torch bring it)")
         estimate = None
         if config is not None:
             # The analytic memory model, before launch: a config that cannot fit is never run.

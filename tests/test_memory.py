@@ -83,7 +83,7 @@ def saved_tensor_bytes(c: TrialConfig) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             logits = model(x)
-        F.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # as train._cross_entropy
+        F.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # as trainer.cross_entropy
     return sum(seen.values())
 
 

@@ -58,7 +58,8 @@ def fake_study(tmp_path: Path, fingerprint: dict, run_fn, budget: int = 14, enqu
     space = load_space(CPU_SPACE)
     settings = search.SearchSettings(**{
         "space": space, "space_path": str(CPU_SPACE), "objectives": list(space.objectives), "budget": budget,
-        "fingerprint": fingerprint, "vocab_size": 256, "runs_dir": tmp_path / "runs", "seed": 0, "world_size": 1, **kw,
+        "fingerprint": fingerprint, "vocab_size": 256, "runs_dir": tmp_path / "runs", "seed": 0,
+        "world_size": search.check_hardware(space, str(CPU_SPACE), fingerprint), **kw,
     })
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'fake.db'}")
     study = search.open_study(storage, "fake", settings)
