@@ -208,3 +208,16 @@ def test_the_estimate_is_recorded_beside_the_measured_peak(fingerprint, tmp_path
         m = t.user_attrs["metrics"]
         assert m["estimated_peak_memory_bytes"] == t.user_attrs["memory_estimate"]["total"] > 0
         assert t.user_attrs["status"] != "ok" or "peak_memory_bytes" in m
+
+
+def test_triton_kernels_without_triton_installed_are_infeasible(fingerprint, tmp_path):
+    from tests.conftest import ROOT
+
+    path = ROOT / "search_spaces" / "cpu-triton-tiny.yaml"
+    without = {**fingerprint, "software": {**fingerprint["software"], "triton": None}}
+    ran = []
+    s = settings(without, tmp_path, space=load_space(path), space_path=str(path), budget=2, world_size=1)
+    search.run_search(open_study(tmp_path, s), s, lambda c, d: ran.append(c) or fake_trial(c, d))
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    assert ran == [] and [t.user_attrs["status"] for t in study.trials] == ["infeasible", "infeasible"]
+    assert "kernels=triton needs Triton" in study.trials[0].user_attrs["reason"]
