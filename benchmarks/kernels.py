@@ -104,7 +104,7 @@ def main() -> int:
     dtype = DTYPES[precision]
     dtype_bytes = torch.finfo(dtype).bits // 8
     name = "cpu (Triton interpreter)" if args.cpu_interpreter else torch.cuda.get_device_name()
-    shared = None if args.cpu_interpreter else hardware._shared_memory(torch.cuda.get_device_properties(0), 0)
+    shared = None if args.cpu_interpreter else hardware.device_shared_memory(torch.cuda.get_device_properties(0), 0)
     flops_peak = None if args.cpu_interpreter else hardware.datasheet_peak(name, precision)
     bw_peak = None if args.cpu_interpreter else hardware.datasheet_bandwidth(name)
     print(f"{name}, {precision}, space {args.space.name}, micro batch {config.batch.micro_batch_size} x "

@@ -173,7 +173,7 @@ def _probe() -> dict[str, Any]:
             p = torch.cuda.get_device_properties(i)
             gpus.append({"name": p.name, "memory_bytes": p.total_memory, "capability": [p.major, p.minor],
                          # what one Triton program may claim (the opt-in maximum), for the tile rules
-                         "shared_memory_bytes": _shared_memory(p, i)})
+                         "shared_memory_bytes": device_shared_memory(p, i)})
     flags = _cpu_flags()
     hardware = {
         "cpu_model": _cpu_model(),
@@ -211,7 +211,7 @@ def shared_memory_bytes(fingerprint: dict[str, Any], device: str) -> int | None:
     return None if None in sizes else min(sizes)
 
 
-def _shared_memory(props: Any, index: int) -> int | None:
+def device_shared_memory(props: Any, index: int) -> int | None:
     """Shared memory one kernel may claim: torch's opt-in figure, else the one Triton checks against."""
     found = getattr(props, "shared_memory_per_block_optin", None)
     if found:
