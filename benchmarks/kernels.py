@@ -32,18 +32,14 @@ from cotune import derive, hardware, tiles  # noqa: E402
 from cotune.config import KERNELS  # noqa: E402
 from cotune.space import KNOBS, load_space  # noqa: E402
 
-TILE_FIELDS = {  # kernel -> its tile knobs, in the order its tiles dataclass takes them
-    "mlp": ["mlp_block_m", "mlp_block_n", "mlp_block_k", "mlp_group_m", "mlp_num_warps", "mlp_num_stages"],
-    "cross_entropy": ["ce_block_size", "ce_num_warps"],
-    "layernorm": ["ln_block_size", "ln_num_warps"],
-}
-
 
 def tile_space(space, config, kernel: str, shared_memory: int | None) -> list:
     """Every tile config of the space for ``kernel`` that the tile rules let run (the config's own if untuned)."""
     default = tiles.kernel_tiles(config.kernels, kernel)
+    # The kernel's tile knobs, registered in the order its tiles dataclass takes them.
+    knobs = [n for n, knob in KNOBS.items() if knob.tile_of == kernel]
     choices = [space.knobs[n].values() if n in space.knobs else [getattr(default, f)]
-               for n, f in zip(TILE_FIELDS[kernel], asdict(default))]
+               for n, f in zip(knobs, asdict(default), strict=True)]
     cls = type(default)
     dtype_bytes = 4 if config.precision.precision == "fp32" else 2
     shape = tiles.kernel_shapes(config)[kernel]
@@ -88,7 +84,7 @@ def main() -> int:
         print("no CUDA GPU here: the Triton kernels' speed is measured on a GPU only, so nothing was timed. "
               "(--cpu-interpreter runs this script's path in Triton's interpreter, without meaning for speed.)")
         return 0
-    from cotune.trial.kernels.timing import DTYPES, time_ms, workload
+    from cotune.trial.kernels.timing import time_ms, workload
 
     device = torch.device("cpu" if args.cpu_interpreter else "cuda")
     space = load_space(args.space)
@@ -101,7 +97,7 @@ def main() -> int:
     vocab = 256 if args.cpu_interpreter else args.vocab
     config, _ = derive.build_config(space, knobs, world_size=1, vocab_size=vocab)
     precision = config.precision.precision
-    dtype = DTYPES[precision]
+    dtype = hardware.torch_dtype(precision)
     dtype_bytes = torch.finfo(dtype).bits // 8
     name = "cpu (Triton interpreter)" if args.cpu_interpreter else torch.cuda.get_device_name()
     shared = None if args.cpu_interpreter else hardware.device_shared_memory(torch.cuda.get_device_properties(0), 0)

@@ -96,11 +96,18 @@ def _probe_key(device: str, precision: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
+def torch_dtype(precision: str) -> Any:
+    """The torch dtype of a precision name (fp32, bf16, fp16). Trial side only: imports torch."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 def _matmul_probe(device: str, precision: str, n: int = 1024, seconds: float = 0.5) -> float:
     """Best-of FLOP/s of an n x n matmul: a practical ceiling where no datasheet applies."""
     import torch
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    dtype = torch_dtype(precision)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)

@@ -17,13 +17,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from cotune import hardware
 from cotune.config import TrialConfig
 from cotune.trial import measure
 from cotune.trial.distributed import Dist
 from cotune.trial.loss_scale import DynamicLossScaler
 from cotune.trial.parallelize import Parallel, clip_grad_norm, sync_tied_grads
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Trainer:
@@ -56,8 +55,8 @@ class Trainer:
         precision = config.precision.precision
         self.scaler = scaler  # fp16 only; otherwise a pass-through
         self.autocast: Callable[[], contextlib.AbstractContextManager] = (
-            (lambda: torch.autocast(self.device.type, dtype=_DTYPES[precision]))
-            if precision in _DTYPES
+            (lambda: torch.autocast(self.device.type, dtype=hardware.torch_dtype(precision)))
+            if precision != "fp32"
             else contextlib.nullcontext
         )
 

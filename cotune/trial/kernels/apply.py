@@ -11,6 +11,7 @@ stays plain PyTorch, and the swapped modules keep the same parameters under the 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict
 
 import torch
 from torch import nn
@@ -28,16 +29,12 @@ class TritonMLP(nn.Module):
     def __init__(self, fc: nn.Linear, proj: nn.Linear, config: KernelConfig) -> None:
         super().__init__()
         self.fc, self.proj = fc, proj
-        t = kernel_tiles(config, "mlp")
-        self.tiles = {"block_m": t.block_m, "block_n": t.block_n, "block_k": t.block_k, "group_m": t.group_m,
-                      "num_warps": t.num_warps, "num_stages": t.num_stages}
+        self.tiles = asdict(kernel_tiles(config, "mlp"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.fc.weight, self.fc.bias
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
-        if dtype is not None:  # autocast does not reach inside a custom kernel: cast as it would for a matmul
-            x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
-        return self.proj(linear_bias_gelu(x, w, b, **self.tiles))
+        if torch.is_autocast_enabled(x.device.type):  # autocast does not reach inside a custom kernel:
+            x = x.to(torch.get_autocast_dtype(x.device.type))  # cast as it would for a matmul (the kernel casts W, b)
+        return self.proj(linear_bias_gelu(x, self.fc.weight, self.fc.bias, **self.tiles))
 
 
 class TritonLayerNorm(nn.Module):

@@ -26,13 +26,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from cotune import hardware
 from cotune.config import TrialConfig
 from cotune.tiles import kernel_shapes, kernel_tiles
 from cotune.trial.kernels.cross_entropy import cross_entropy
 from cotune.trial.kernels.layernorm import layer_norm
 from cotune.trial.kernels.mlp import linear_bias_gelu
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_REPEATS = 3
 
 
@@ -44,23 +44,23 @@ def time_kernels(config: TrialConfig, device: torch.device, cache_path: Path | N
     dtype_name = config.precision.precision
     shapes = kernel_shapes(config)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
-    records = []
-    for kernel in k.selected():
-        tiles = asdict(kernel_tiles(k, kernel))
-        key = {"kernel": kernel, "shape": shapes[kernel], "dtype": dtype_name, "tiles": tiles,
-               "device": device_name, "triton": triton.__version__, "torch": torch.__version__}
-        key_text = json.dumps(key, sort_keys=True)
+    keys = {kernel: {"kernel": kernel, "shape": shapes[kernel], "dtype": dtype_name,
+                     "tiles": asdict(kernel_tiles(k, kernel)), "device": device_name,
+                     "triton": triton.__version__, "torch": torch.__version__} for kernel in k.selected()}
+    texts = {kernel: json.dumps(key, sort_keys=True) for kernel, key in keys.items()}
+    with _locked(cache_path) as cache:
+        known = {kernel: cache[text] for kernel, text in texts.items() if text in cache}
+    measured = {}
+    for kernel in keys.keys() - known.keys():  # timed outside the lock: other trials may read meanwhile
+        w = workload(kernel, shapes[kernel], keys[kernel]["tiles"], hardware.torch_dtype(dtype_name), device)
+        measured[kernel] = {"triton_ms": time_ms(w.step(w.kernel), device),
+                            "torch_ms": time_ms(w.step(w.reference), device),
+                            "timer": "triton.testing.do_bench" if device.type == "cuda" else "wall clock, interpreter"}
+    if measured:
         with _locked(cache_path) as cache:
-            found = cache.get(key_text)
-        cached = found is not None
-        if not cached:
-            w = workload(kernel, shapes[kernel], tiles, DTYPES[dtype_name], device)
-            found = {"triton_ms": time_ms(w.step(w.kernel), device), "torch_ms": time_ms(w.step(w.reference), device),
-                     "timer": "triton.testing.do_bench" if device.type == "cuda" else "wall clock, interpreter"}
-            with _locked(cache_path) as cache:
-                cache[key_text] = found
-        records.append({**key, **found, "cached": cached})
-    return records
+            cache.update({texts[kernel]: figure for kernel, figure in measured.items()})
+    return [{**keys[kernel], **(known.get(kernel) or measured[kernel]), "cached": kernel in known}
+            for kernel in keys]
 
 
 @dataclass
