@@ -1,5 +1,5 @@
 """The benchmark scripts run: without a GPU the kernel benchmark says so and exits 0, and its
-loop runs end to end in Triton's interpreter."""
+loop runs end to end in Triton's interpreter; the data benchmark runs with a small BPE."""
 
 from __future__ import annotations
 
@@ -37,3 +37,17 @@ def test_kernel_benchmark_loop_in_the_interpreter(tmp_path):
         assert mine[0]["impl"] == "pytorch eager" and len(mine) >= 3, mine  # eager and at least two tile configs
         assert all(r["ms"] > 0 for r in mine)
     assert "best triton / eager time" in out.stdout
+
+
+@pytest.mark.slow
+def test_data_prep_benchmark_times_first_and_cached_preparation(tmp_path):
+    script = ROOT / "benchmarks" / "data_prep.py"
+    out = subprocess.run([sys.executable, str(script), "--bpe", "300", "--max-docs", "40", "--json", str(tmp_path / "d.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = json.loads((tmp_path / "d.json").read_text())["rows"]
+    assert [(r["data"], r["tokenizer"]) for r in rows] == [
+        ("builtin", "bytes"), ("builtin", "bpe:300"), ("JSON Lines copy", "bytes"), ("JSON Lines copy", "bpe:300")]
+    assert all(r["cached_s"] < r["first_s"] and r["train_tokens"] > 0 and r["val_tokens"] > 0 for r in rows)
+    assert [r["vocab_size"] for r in rows] == [258, 300, 258, 300]
+    assert "| builtin | bpe:300 |" in out.stdout
