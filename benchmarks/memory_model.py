@@ -38,9 +38,9 @@ from cotune.config import (
 )
 
 MIB = 2**20
-TINY = WorkloadConfig(n_layer=2, n_embd=64, n_head=4, seq_len=64, vocab_size=256)  # cpu-tiny-gpt
-LARGER = WorkloadConfig(n_layer=4, n_embd=256, n_head=4, seq_len=128, vocab_size=256)  # 3.3 M parameters
-MINIMAL = WorkloadConfig(n_layer=1, n_embd=16, n_head=4, seq_len=16, vocab_size=256)  # the runtime alone
+TINY = WorkloadConfig(n_layer=2, n_embd=64, n_head=4, seq_len=64, vocab_size=258)  # cpu-tiny-gpt
+LARGER = WorkloadConfig(n_layer=4, n_embd=256, n_head=4, seq_len=128, vocab_size=258)  # 3.3 M parameters
+MINIMAL = WorkloadConfig(n_layer=1, n_embd=16, n_head=4, seq_len=16, vocab_size=258)  # the runtime alone
 GPT2_SMALL = WorkloadConfig(n_layer=12, n_embd=768, n_head=12, seq_len=1024, vocab_size=50304)
 GPT2_MEDIUM = WorkloadConfig(n_layer=24, n_embd=1024, n_head=16, seq_len=1024, vocab_size=50304)
 

@@ -20,19 +20,42 @@ PP_SCHEDULES = ("gpipe", "1f1b", "interleaved1f1b")
 KERNEL_IMPLS = ("torch", "triton")
 KERNELS = ("mlp", "cross_entropy", "layernorm")  # the ops cotune has Triton kernels for
 STATUSES = ("ok", "infeasible", "oom", "timeout", "crash", "diverged")
+TRAINING_OBJECTIVES = ("causal_lm", "masked_lm")  # what a workload trains on (not the search's objectives)
 
 
 @dataclass(frozen=True)
 class WorkloadConfig:
-    """The model and data a trial trains: fixed for a whole study."""
+    """The model and data a trial trains: fixed for a whole study.
 
-    model: str = "gpt"  # registry name, or "package.module:function"
-    n_layer: int = 2
-    n_embd: int = 64
-    n_head: int = 4
+    ``model`` is ``gpt`` (the built-in decoder), ``hf:<model_type>`` (a Hugging Face
+    architecture, random init), ``hf:/local/dir`` (a local config or checkpoint) or a
+    user's ``package.module:function``. For all but ``gpt`` the shape fields below are
+    read off the model the search built once before the first trial (``cotune.workload``),
+    and ``config`` holds every field cotune passes to the model's config (the space's
+    fields, then the vocabulary, positions, dropout and special-token ids it sets).
+    """
+
+    model: str = "gpt"  # gpt | hf:<model_type> | hf:/local/dir | package.module:function
+    config: dict[str, Any] = field(default_factory=dict)  # the architecture's own config fields (hf:, user models)
+    objective: str = "causal_lm"  # causal_lm (next token) | masked_lm (BERT family): what the model says it trains on
+    n_layer: int = 2  # transformer layers
+    n_embd: int = 64  # hidden size
+    n_head: int = 4  # attention (query) heads
+    n_kv_head: int | None = None  # key/value heads (grouped-query attention); None: as many as n_head
+    ffn_hidden: int | None = None  # MLP width; None: 4 * n_embd
     seq_len: int = 64
-    vocab_size: int = 256
-    data: str = "builtin:stdlib-docstrings"  # or a text file, or a nanoGPT uint16 .bin
+    vocab_size: int = 258  # the bytes tokenizer's: 256 bytes, end-of-text, mask
+    data: str = "builtin:stdlib-docstrings"  # builtin, a text file or folder, JSON Lines, Parquet/Arrow, nanoGPT .bin
+    data_field: str = "text"  # the text field of JSON Lines, Parquet and Arrow data
+    tokenizer: str = "bytes"  # bytes | bpe:<vocab size> (trained on the training split) | a local tokenizer folder
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def ffn_width(self) -> int:
+        return 4 * self.n_embd if self.ffn_hidden is None else self.ffn_hidden
 
 
 @dataclass(frozen=True)

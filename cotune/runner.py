@@ -100,6 +100,7 @@ def _trial_env(config: TrialConfig) -> dict[str, str]:
     A CPU trial with Triton kernels runs them in Triton's interpreter (set before triton is imported).
     """
     env = dict(os.environ)
+    env["HF_HUB_OFFLINE"] = "1"  # a trial downloads nothing: a Hugging Face model or tokenizer is read from disk
     if config.run.device == "cpu" and config.kernels.selected():
         env["TRITON_INTERPRET"] = "1"
     package_root = str(Path(__file__).resolve().parent.parent)
@@ -174,10 +175,10 @@ def run_process(
 
     result, result_error = _load_result(result_path)
     if result is None and result_error is None:
-        # Under torchrun a rank other than 0 that classified its own failure (out of memory)
-        # writes result.rankN.json and exits, which ends the job: its result speaks for the trial.
-        for other in _rank_results(result_path)[:1]:
-            result, result_error = _load_result(other)
+        # A rank that failed (crashed, or classified its own failure such as out of memory) wrote
+        # result.rankN.json and exited, which ends the job. The first to fail is the cause; the
+        # others failed waiting on it in a collective, so its error speaks for the trial.
+        result, result_error = _first_failure(_rank_results(result_path))
     out = classify(
         proc.returncode,
         result,
@@ -192,6 +193,24 @@ def run_process(
 
 def _rank_results(result_path: Path) -> list[Path]:
     return sorted(result_path.parent.glob(f"{result_path.stem}.rank*{result_path.suffix}"))
+
+
+def _first_failure(paths: list[Path]) -> tuple[TrialResult | None, str | None]:
+    """The rank result that says why the trial failed: a classified failure (out of memory on one
+    rank) before a crash, then the first written (the ranks that failed later lost a peer)."""
+    found = []
+    for path in paths:
+        result, error = _load_result(path)
+        try:
+            written = path.stat().st_mtime_ns
+        except OSError:
+            written = 2**63
+        crashed = result is None or result.status == "crash"
+        found.append(((crashed, written, path.name), result, error))
+    if not found:
+        return None, None
+    _, result, error = min(found, key=lambda item: item[0])
+    return result, error
 
 
 def _wait(proc: subprocess.Popen, deadline: float, seen: set[psutil.Process]) -> bool:

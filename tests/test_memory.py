@@ -26,7 +26,7 @@ from cotune.trial.live_tensors import LiveTensorBytes
 from cotune.trial.model import GPT, GPTConfig
 from cotune.trial.workloads import apply_activation_checkpointing, build_model
 
-TINY = WorkloadConfig(n_layer=2, n_embd=64, n_head=4, seq_len=64, vocab_size=256)
+TINY = WorkloadConfig(n_layer=2, n_embd=64, n_head=4, seq_len=64, vocab_size=258)
 WIDER = WorkloadConfig(n_layer=3, n_embd=96, n_head=6, seq_len=48, vocab_size=512)
 GIB = 2**30
 
@@ -66,7 +66,7 @@ def saved_tensor_bytes(c: TrialConfig) -> int:
     torch.manual_seed(0)
     model = build_model(c.workload)
     if c.software.activation_checkpointing:
-        apply_activation_checkpointing(model)
+        apply_activation_checkpointing(model.blocks)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -156,7 +156,7 @@ def test_dp_replicates_and_adds_ddp_buckets() -> None:
 
 
 def test_pipeline_stages_hold_their_layers_and_in_flight_microbatches() -> None:
-    wl = WorkloadConfig(n_layer=8, n_embd=64, n_head=4, seq_len=64, vocab_size=256)
+    wl = WorkloadConfig(n_layer=8, n_embd=64, n_head=4, seq_len=64, vocab_size=258)
     c = config(wl, micro=8, pp=4, pp_microbatches=8, pp_schedule="1f1b")
     assert [memory.in_flight(c, r) for r in range(4)] == [4, 3, 2, 1]  # min(m, pp - rank)
     gpipe = with_(c, parallel={"pp_schedule": "gpipe"})

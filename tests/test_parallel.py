@@ -111,6 +111,66 @@ def test_fp16_loss_scaling_across_processes_matches_one_process(single_fp16, tmp
     assert result.metrics["val_loss"] == pytest.approx(single_fp16.metrics["val_loss"], rel=FP16_RTOL)
 
 
+# Hugging Face models under the same gate: the model's own forward on one process; its TP plan,
+# its layers as FSDP units, its pipeline stages on several. Tiny, fp32, no dropout (cotune sets 0).
+HF_MODELS = {
+    "hf:llama": {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+                 "intermediate_size": 64},
+    "hf:gpt2": {"n_embd": 32, "n_layer": 4, "n_head": 4},
+    "hf:bert": {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 64},
+}
+HF_LAYOUTS = [
+    ("hf:llama", "dp2"), ("hf:llama", "fsdp2"), ("hf:llama", "tp2"), ("hf:llama", "pp2-1f1b"), ("hf:llama", "fsdp2xtp2"),
+    ("hf:gpt2", "tp2"), ("hf:gpt2", "pp2-1f1b"),  # GPT-2's fused q/k/v split per head; tied wte / lm_head
+    ("hf:bert", "tp2"), ("hf:bert", "pp2-1f1b"),  # masked LM: a pipeline chunk's loss is weighted by its masks
+]
+
+
+def hf_base(model: str) -> TrialConfig:
+    from cotune.trial.hf import resolve_config
+
+    fields, objective = resolve_config(model, HF_MODELS[model], seq_len=32, vocab_size=258, eot_id=256, pad_id=None)
+    workload = WorkloadConfig(model=model, config=fields, objective=objective, n_layer=4, n_embd=32, n_head=4,
+                              seq_len=32, vocab_size=258)
+    return replace(BASE, workload=workload)
+
+
+@pytest.fixture(scope="module")
+def hf_single(tmp_path_factory):
+    results = {}
+    for model in HF_MODELS:
+        result = runner.run_trial(hf_base(model), tmp_path_factory.mktemp("single"), cache_dir=default_cache_dir())
+        assert result.status == "ok", result.reason + result.error_tail
+        results[model] = result
+    return results
+
+
+@pytest.mark.parametrize("model, name", HF_LAYOUTS, ids=[f"{m}-{n}" for m, n in HF_LAYOUTS])
+def test_hf_layout_matches_one_process(hf_single, tmp_path, model, name):
+    base = hf_base(model)
+    per_rank = base.batch.global_batch_size // LAYOUTS[name].data_parallel
+    config = replace(base, parallel=LAYOUTS[name],
+                     batch=replace(base.batch, grad_accum_steps=per_rank // base.batch.micro_batch_size))
+    result = runner.run_trial(config, tmp_path, cache_dir=default_cache_dir())
+    assert result.status == "ok", f"{result.reason}\n{result.error_tail}"
+    losses = [step[2] for step in result.loss_curve]
+    expected = [step[2] for step in hf_single[model].loss_curve]
+    assert len(losses) == len(expected) == 6
+    assert losses == pytest.approx(expected, rel=RTOL, abs=ATOL)
+    assert losses[-1] < losses[0] - 0.5
+    assert result.metrics["val_loss"] == pytest.approx(hf_single[model].metrics["val_loss"], rel=RTOL, abs=ATOL)
+
+
+def test_a_failed_ranks_own_exception_is_the_error_tail(tmp_path):
+    """Not torchrun's summary: the first rank to fail wrote its exception, and that is the trial's."""
+    config = replace(layout(ParallelConfig(dp=2)), workload=replace(BASE.workload, model=f"{__name__}:crash_on_rank1"))
+    result = runner.run_trial(config, tmp_path, cache_dir=default_cache_dir())
+    assert result.status == "crash"
+    assert result.reason.startswith("AttributeError on rank 1: ") and "no_such_thing" in result.reason
+    assert "no_such_thing" in result.error_tail and 'File "' in result.error_tail  # its traceback's last lines
+    assert _processes_of(tmp_path) == []
+
+
 def test_a_sharding_bug_fails_the_gate(single, tmp_path):
     """The gate's own check: a data-parallel run that drops the other rank's half of the batch."""
     wrong = replace(layout(ParallelConfig(dp=2)), batch=replace(BASE.batch, global_batch_size=4, grad_accum_steps=1))
@@ -139,6 +199,17 @@ class _OomOnRank1(GPT):
 
 def oom_on_rank1(cfg: WorkloadConfig) -> nn.Module:
     return _OomOnRank1(GPTConfig(cfg.vocab_size, cfg.seq_len, cfg.n_layer, cfg.n_head, cfg.n_embd))
+
+
+class _CrashOnRank1(GPT):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if int(os.environ.get("RANK", "0")) == 1:
+            return self.no_such_thing(x)
+        return super().forward(x)
+
+
+def crash_on_rank1(cfg: WorkloadConfig) -> nn.Module:
+    return _CrashOnRank1(GPTConfig(cfg.vocab_size, cfg.seq_len, cfg.n_layer, cfg.n_head, cfg.n_embd))
 
 
 def _processes_of(trial_dir: Path) -> list[psutil.Process]:

@@ -2,7 +2,8 @@
 
 Runs one trial in this process and writes its TrialResult atomically. Exit 0 when a
 result was written (ok or a classified failure such as oom or diverged), 2 for a
-user's error (message on stderr), anything else with a traceback for a crash.
+user's error (message on stderr), 1 for a crash (the traceback on stderr); a failure
+also leaves ``RESULT.rankN.json`` holding this rank's own error.
 torch is imported only after the arguments are read, inside the trial code, so the
 trial's ``start_and_import`` phase counts it.
 """
@@ -12,9 +13,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from cotune.errors import UserError
+
+ERROR_TAIL_LINES = 30
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,9 +30,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernel-cache", type=Path, default=None, help="JSON file of Triton kernel timings to reuse")
     args = parser.parse_args(argv)
 
-    from cotune.config import TrialConfig
+    from cotune.config import TrialConfig, TrialResult
     from cotune.data import default_cache_dir
 
+    # Under torchrun every rank runs this; rank 0 speaks for the trial with result.json. A rank
+    # that fails leaves its own result (result.rankN.json: its exception, classified or not) and
+    # exits non-zero, so torchrun stops the ranks waiting on it instead of letting them hang; the
+    # runner takes the first rank's failure as the trial's, not torchrun's summary of it.
+    rank = int(os.environ.get("RANK", "0"))
+    rank_path = args.result.with_name(f"{args.result.stem}.rank{rank}.json")
     try:
         try:
             config = TrialConfig.load(args.config)
@@ -42,15 +52,20 @@ def main(argv: list[str] | None = None) -> int:
         )
     except UserError as e:
         print(f"cotune trial: error: {e}", file=sys.stderr)
+        TrialResult("crash", reason=str(e), error_tail=f"cotune trial: error: {e}").save(rank_path)
         return 2
-    # Under torchrun every rank runs this; rank 0 speaks for the trial. Another rank that
-    # classified its own failure (out of memory) leaves its result beside rank 0's and exits
-    # non-zero, so torchrun stops the ranks waiting on it instead of letting them hang.
-    rank = int(os.environ.get("RANK", "0"))
+    except Exception as e:
+        traceback.print_exc()  # the log keeps the whole traceback
+        lines = "".join(traceback.format_exception(e)).strip().splitlines()
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        where = f" on rank {rank}" if "WORLD_SIZE" in os.environ else ""
+        TrialResult("crash", reason=f"{type(e).__name__}{where}: {first}",
+                    error_tail="\n".join(lines[-ERROR_TAIL_LINES:])).save(rank_path)
+        return 1
     if rank == 0:
         result.save(args.result)
     elif result.status != "ok":
-        result.save(args.result.with_name(f"{args.result.stem}.rank{rank}.json"))
+        result.save(rank_path)
         return 1
     return 0
 

@@ -29,14 +29,15 @@ def flops_per_token(n_params: int, wl: WorkloadConfig) -> int:
     return 6 * n_params + 12 * wl.n_layer * wl.n_embd * wl.seq_len
 
 
-def eval_window_starts(n_val_tokens: int, seq_len: int, eval_tokens: int) -> np.ndarray:
-    """Start indices of eval_tokens // seq_len evenly spaced windows of seq_len + 1 tokens (inputs + targets).
+def eval_window_starts(n_val_tokens: int, seq_len: int, eval_tokens: int, extra: int = 1) -> np.ndarray:
+    """Start indices of eval_tokens // seq_len evenly spaced windows of seq_len + ``extra`` tokens
+    (causal LM: inputs + the shifted target; masked LM: extra = 0).
 
-    They depend only on the split's length and these two numbers, so every trial of a
-    study is scored on the same tokens.
+    They depend only on the split's length and these numbers, so every trial of a study is
+    scored on the same tokens.
     """
     n_windows = max(1, eval_tokens // seq_len)
-    last = n_val_tokens - seq_len - 1  # the last start whose window (and its target) fits
+    last = n_val_tokens - seq_len - extra  # the last start whose window fits
     return np.linspace(0, last, n_windows).round().astype(np.int64)
 
 

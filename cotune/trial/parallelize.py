@@ -1,26 +1,30 @@
-"""Parallelism applied to the model from outside, torchtitan's order: split into pipeline
-stages, then tensor parallel, activation checkpointing, compile, data parallel.
+"""Parallelism applied to a workload's model from outside, torchtitan's order: split into
+pipeline stages, then tensor parallel, activation checkpointing, compile, data parallel.
+What each step needs of the model is in its :class:`~cotune.trial.workloads.Workload`
+(the layer list, the TP plan, the stage cutter, the tied matrices); a step whose fact is
+missing was rejected before launch, so here a missing fact is a bug and raises.
 
 - Pipeline (pp): the layers are cut into pp * virtual stages of equal depth; stage s
-  lives on pipeline rank s % pp. A stage is a copy of the GPT with the parts it does
-  not own set to None. The tied embedding / lm_head matrix then lives on the first and
-  the last stage, and their gradients are summed across the two after each step, so
-  the pair stays one matrix, as in the single-process model.
-- Tensor parallel (tp): q, k, v and the MLP's first matmul column-wise, the two output
-  projections row-wise (Megatron-LM's split), so one all-reduce per sub-layer. With
-  sequence parallel (Korthikanti et al. 2022) the LayerNorms and the residual stream
-  between sub-layers hold T / tp positions per rank: each all-reduce becomes a
-  reduce-scatter after the sub-layer and an all-gather before the next, the same bytes
-  on the wire, and those activations take 1 / tp of the memory. The first stage cuts its
-  embeddings' output along the sequence; the last gathers it again before ln_f.
-- Data parallel: FSDP2 ``fully_shard`` per block and at the root when fsdp > 1 (HSDP on
+  lives on pipeline rank s % pp and is what ``Workload.stage`` builds for its layers. A
+  matrix the model ties (embedding and output head) then lives on the first and the last
+  stage, and their gradients are summed across the two after each step, so the pair stays
+  one matrix, as in the single-process model.
+- Tensor parallel (tp): the workload's plan over one layer: column-wise splits (q, k, v,
+  the MLP's up projections) and row-wise ones (the output projections), Megatron-LM's
+  split, so one all-reduce per sub-layer. Every plan key must name an nn.Linear of every
+  layer, and is checked to be sharded afterwards: a plan that shards nothing is an error.
+  With sequence parallel (Korthikanti et al. 2022; the built-in GPT only) the LayerNorms
+  and the residual stream between sub-layers hold T / tp positions per rank: each
+  all-reduce becomes a reduce-scatter after the sub-layer and an all-gather before the
+  next, the same bytes on the wire, and those activations take 1 / tp of the memory. The
+  first stage cuts its embeddings' output along the sequence; the last gathers it again.
+- Data parallel: FSDP2 ``fully_shard`` per layer and at the root when fsdp > 1 (HSDP on
   the 2-D dp_replicate x dp_shard mesh when dp > 1 too); DDP for pure replication of a
   whole model; replication next to tp or pp uses the 2-D FSDP2 mesh with a shard size of 1.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,10 +36,7 @@ from torch.distributed.tensor import DTensor
 
 from cotune.config import TrialConfig
 from cotune.trial.distributed import Dist
-from cotune.trial.workloads import apply_activation_checkpointing
-
-TP_PLAN_NAMES = {"attn.q": "col", "attn.k": "col", "attn.v": "col", "attn.proj": "row",
-                 "mlp.fc": "col", "mlp.proj": "row"}
+from cotune.trial.workloads import Workload, apply_activation_checkpointing
 
 
 @dataclass
@@ -66,30 +67,35 @@ class Parallel:
 
 
 def parallelize(
-    model: nn.Module, config: TrialConfig, d: Dist, loss_fn: Callable | None = None
+    workload: Workload, config: TrialConfig, d: Dist, loss_fn: Callable | None = None
 ) -> Parallel:
-    """Apply the config's layout to ``model`` (the full model, identically initialised on every rank)."""
+    """Apply the config's layout to the workload's model (built identically on every rank)."""
     par, sw = config.parallel, config.software
     num_stages = par.pp * par.pp_virtual_stages
     stage_ids = [d.pp_rank + k * par.pp for k in range(par.pp_virtual_stages)] if par.pp > 1 else [0]
-    modules = [_stage(model, s, num_stages) for s in stage_ids] if par.pp > 1 else [model]
+    staged = par.pp > 1
+    modules = [_stage(workload, s, num_stages) for s in stage_ids] if staged else [workload.model]
     for i, m in enumerate(modules):
+        layers = workload.layer_list(m, stage=staged) if workload.layers is not None else None
         if par.tp > 1:
-            _apply_tp(m, d, par.sequence_parallel, first=stage_ids[i] == 0, last=stage_ids[i] == num_stages - 1)
+            _apply_tp(m, layers, workload, d, par.sequence_parallel, first=stage_ids[i] == 0,
+                      last=stage_ids[i] == num_stages - 1)
         if sw.activation_checkpointing:
-            apply_activation_checkpointing(m)
+            apply_activation_checkpointing(layers)
         if sw.compile:
-            for j, block in enumerate(m.blocks):
-                m.blocks[j] = torch.compile(block)
-        modules[i] = _apply_data_parallel(m, config, d)
+            for j, block in enumerate(layers):
+                layers[j] = torch.compile(block)
+        modules[i] = _apply_data_parallel(m, layers, config, d)
     out = Parallel(modules=modules, stage_ids=stage_ids, num_stages=num_stages)
-    if par.pp > 1:
+    if staged:
         out.schedule = _schedule(out, config, d, loss_fn)
         out.tie_group = _tie_group(d, par.pp)
-        if out.has_first:
-            out.tied.append(_unwrap(modules[stage_ids.index(0)]).wte.weight)
-        if out.has_last:
-            out.tied.append(_unwrap(modules[stage_ids.index(num_stages - 1)]).lm_head.weight)
+        if workload.tied is not None:
+            first_name, last_name = workload.tied
+            if out.has_first:
+                out.tied.append(_unwrap(modules[stage_ids.index(0)]).get_parameter(first_name))
+            if out.has_last:
+                out.tied.append(_unwrap(modules[stage_ids.index(num_stages - 1)]).get_parameter(last_name))
     return out
 
 
@@ -97,25 +103,20 @@ def _unwrap(m: nn.Module) -> nn.Module:
     return m.module if isinstance(m, nn.parallel.DistributedDataParallel) else m
 
 
-def _stage(model: nn.Module, stage: int, num_stages: int) -> nn.Module:
-    """A copy of the model holding only stage ``stage``'s layers (and the ends it owns)."""
-    n_layer = len(model.blocks)
+def _stage(workload: Workload, stage: int, num_stages: int) -> nn.Module:
+    """Pipeline stage ``stage`` of ``num_stages``: an equal share of the layers, and the ends it owns."""
+    if workload.stage is None:
+        raise ValueError(f"pp > 1 needs Workload.stage, but {type(workload.model).__name__}'s workload has none")
+    n_layer = len(workload.layer_list())
     per = n_layer // num_stages
-    m = copy.deepcopy(model)
-    m.blocks = nn.ModuleList(list(m.blocks)[stage * per:(stage + 1) * per])
-    if stage != 0:
-        m.wte = None
-        m.wpe = None
-    if stage != num_stages - 1:
-        m.ln_f = None
-        m.lm_head = None
-    return m
+    return workload.stage(workload.model, stage * per, (stage + 1) * per, stage == 0, stage == num_stages - 1)
 
 
-def _apply_tp(m: nn.Module, d: Dist, sequence_parallel: bool, *, first: bool, last: bool) -> None:
-    """Megatron's split of every block over the tp mesh, with or without sequence parallel.
+def _apply_tp(m: nn.Module, layers: nn.ModuleList | None, workload: Workload, d: Dist, sequence_parallel: bool,
+              *, first: bool, last: bool) -> None:
+    """The workload's plan over every layer on the tp mesh (or the built-in GPT's sequence-parallel plan).
 
-    ``first`` / ``last`` say whether this module holds the embeddings / ln_f and lm_head
+    ``first`` / ``last`` say whether this module holds the embeddings / the output head
     (the whole model, or a pipeline stage at either end).
     """
     from torch.distributed.tensor import Replicate, Shard
@@ -127,13 +128,27 @@ def _apply_tp(m: nn.Module, d: Dist, sequence_parallel: bool, *, first: bool, la
         parallelize_module,
     )
 
+    if layers is None or not workload.tp_plan:
+        raise ValueError(f"tp > 1 needs Workload.layers and Workload.tp_plan, but got layers={workload.layers!r}, "
+                         f"tp_plan={workload.tp_plan!r}")
     mesh = d.mesh["tp"]
+    tp = mesh.size()
     if not sequence_parallel:
-        styles = {"col": ColwiseParallel, "row": RowwiseParallel}
-        plan = {name: styles[kind]() for name, kind in TP_PLAN_NAMES.items()}
-        for block in m.blocks:
-            parallelize_module(block, mesh, plan)
+        styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+        for layer in layers:
+            if workload.tp_prepare is not None:
+                workload.tp_prepare(layer, tp)
+            for key in workload.tp_plan:
+                layer.get_submodule(key)  # AttributeError names a key that matches nothing: never silently
+            parallelize_module(layer, mesh, {key: styles[style]() for key, style in workload.tp_plan.items()})
+            for key in workload.tp_plan:
+                weight = layer.get_submodule(key).weight
+                if not isinstance(weight, DTensor) or weight.placements[0] == Replicate():
+                    raise ValueError(f"tensor-parallel plan key {key!r} was not sharded over tp={tp} "
+                                     f"(its weight is {type(weight).__name__})")
         return
+    if not workload.sequence_parallel:
+        raise ValueError(f"sequence_parallel needs a sequence-parallel plan, which {type(m).__name__} has not")
     # Residual stream (B, T / tp, C) per rank between sub-layers. Each sub-layer gathers its
     # input to (B, T, C) once (not once per q, k, v), and its row-wise output projection
     # reduce-scatters back to (B, T / tp, C).
@@ -146,17 +161,17 @@ def _apply_tp(m: nn.Module, d: Dist, sequence_parallel: bool, *, first: bool, la
         "ln_2": SequenceParallel(), "mlp": gather, "mlp.fc": ColwiseParallel(),
         "mlp.proj": RowwiseParallel(output_layouts=Shard(1)),
     }
-    for block in m.blocks:
+    for block in layers:
         parallelize_module(block, mesh, plan)
     if first:  # the embeddings' (B, T, C) sum, the same on every tp rank, is cut to this rank's T / tp
         cut = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),), **local)
-        parallelize_module(m.blocks[0], mesh, cut)
+        parallelize_module(layers[0], mesh, cut)
     if last:  # ln_f and lm_head see the whole sequence (lm_head is tied to wte: not split)
         whole = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), **local)
         parallelize_module(m.ln_f, mesh, whole)
 
 
-def _apply_data_parallel(m: nn.Module, config: TrialConfig, d: Dist) -> nn.Module:
+def _apply_data_parallel(m: nn.Module, layers: nn.ModuleList | None, config: TrialConfig, d: Dist) -> nn.Module:
     par = config.parallel
     if par.dp * par.fsdp == 1:
         return m
@@ -165,7 +180,7 @@ def _apply_data_parallel(m: nn.Module, config: TrialConfig, d: Dist) -> nn.Modul
     from torch.distributed.fsdp import fully_shard
 
     mesh = d.mesh["dp_replicate", "dp_shard"] if par.dp > 1 else d.mesh["dp_shard"]
-    for block in m.blocks:
+    for block in layers if layers is not None else ():  # one unit per layer; without a layer list, the root only
         fully_shard(block, mesh=mesh)
     fully_shard(m, mesh=mesh)
     return m

@@ -28,11 +28,12 @@ from cotune.config import PRECISIONS, OptimizerConfig, TrialConfig, TrialResult
 from cotune.data import open_splits, prepare_data
 from cotune.errors import UserError
 from cotune.trial import distributed, measure
+from cotune.trial.batches import Masking
 from cotune.trial.distributed import Dist
 from cotune.trial.loss_scale import DynamicLossScaler
 from cotune.trial.parallelize import Parallel, parallelize
-from cotune.trial.trainer import Trainer, cross_entropy
-from cotune.trial.workloads import apply_activation_checkpointing, build_model
+from cotune.trial.trainer import PipelineLoss, Trainer, cross_entropy
+from cotune.trial.workloads import apply_activation_checkpointing, build_workload
 
 MAX_CURVE_POINTS = 200
 PROFILE_STEPS = 3
@@ -60,8 +61,10 @@ def run_trial(
         return TrialResult("infeasible", reason=reason, phase_seconds=phases)
     d = distributed.init(config)
     try:
-        return _run(config, d, Path(cache_dir), trace_dir if d.rank == 0 else None, phases, kernel_cache)
+        result = _run(config, d, Path(cache_dir), trace_dir if d.rank == 0 else None, phases, kernel_cache)
     except Exception as e:  # MemoryError and torch.OutOfMemoryError are Exceptions too
+        # No shutdown on a failure: tearing the process group down first would make the other ranks
+        # fail (a closed connection) before this rank has said why. The process exits right after.
         if tiles.is_out_of_resources(e):  # only Triton's compiler could tell: the tiles do not fit this GPU
             return TrialResult("infeasible", phase_seconds=phases, error_tail=str(e)[-2000:],
                                reason=f"Triton tiles do not fit the device: {str(e).splitlines()[0][:300]}")
@@ -74,8 +77,8 @@ def run_trial(
             error_tail="\n".join(tail),
             reason=f"out of memory: {type(e).__name__}" + (f" on rank {d.rank}" if d.world_size > 1 else ""),
         )
-    finally:
-        distributed.shutdown(d)
+    distributed.shutdown(d)
+    return result
 
 
 def infeasible_reason(config: TrialConfig) -> str:
@@ -136,7 +139,7 @@ def _run(
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     t = time.perf_counter()
-    data = prepare_data(wl.data, cache_dir, seq_len=wl.seq_len)
+    data = prepare_data(wl.data, cache_dir, seq_len=wl.seq_len, tokenizer=wl.tokenizer, text_field=wl.data_field)
     if data.vocab_size > wl.vocab_size:
         raise UserError(
             f"workload.vocab_size >= the data's vocabulary must hold, but got "
@@ -147,7 +150,8 @@ def _run(
 
     t = time.perf_counter()
     torch.manual_seed(run.seed)  # weights: every rank builds the same full model, then takes its part
-    model = build_model(wl)
+    workload = build_workload(wl)
+    model = workload.model
     if config.kernels.selected():  # imports triton: only trials that run a kernel pay for it
         from cotune.trial.kernels.apply import apply_kernels, cross_entropy_loss
 
@@ -155,22 +159,28 @@ def _run(
         train_loss = cross_entropy_loss(config.kernels) or cross_entropy
     else:
         train_loss = cross_entropy
-    n_params = model.n_params() if hasattr(model, "n_params") else sum(p.numel() for p in model.parameters())
+    n_params = workload.count_params()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()  # the peak from here on: weights, activations, optimizer state
     model.to(device)
     scaler = DynamicLossScaler(enabled=config.precision.precision == "fp16")
+    pipeline_loss = None
     if d.world_size == 1:
         if config.software.activation_checkpointing:
-            apply_activation_checkpointing(model)  # before compile, so compile traces the wrapped blocks
+            apply_activation_checkpointing(workload.layer_list())  # before compile, so compile traces the wrapped layers
         if config.software.compile:
             model = torch.compile(model)  # compiles lazily: the cost lands in the warm-up steps
         par = Parallel(modules=[model], stage_ids=[0], num_stages=1)
     else:
-        parts = config.batch.grad_accum_steps * (config.parallel.pp_microbatches if config.parallel.pp > 1 else 1)
-        par = parallelize(model, config, d, loss_fn=lambda out, tgt: scaler.scale(train_loss(out, tgt) / parts))
-        del model  # pipelined, the stages are copies: the unsplit model would only hold memory
-    trainer = Trainer(config, par, d, train_tokens, scaler, train_loss)
+        pipeline_loss = PipelineLoss(config, train_loss, scaler)
+        par = parallelize(workload, config, d, loss_fn=pipeline_loss)
+        del model, workload  # pipelined, the stages are copies: the unsplit model would only hold memory
+    masking = None
+    if wl.objective == "masked_lm":
+        if data.mask_id is None:
+            raise UserError(f"a masked_lm workload needs a tokenizer with a mask token, but {data.source} has none")
+        masking = Masking(mask_id=data.mask_id, vocab_size=data.vocab_size, special_ids=tuple(data.special_ids))
+    trainer = Trainer(config, par, d, train_tokens, scaler, train_loss, masking, pipeline_loss)
     phases["model_build"] = time.perf_counter() - t
 
     tokens_per_step = config.batch.global_batch_size * wl.seq_len

@@ -1,9 +1,9 @@
 """One optimizer step of a trial's model as this rank holds it, and the validation loss.
 
 ``Trainer`` owns the optimizer (AdamW, decay on matrices and embeddings only), the fp16
-loss scaler, autocast and the batches: every rank draws the whole global batch of
-window starts from the same seeded generator and takes its data-parallel slice, so any
-layout trains on exactly the tokens one process would.
+loss scaler, autocast and the batches: every rank draws the whole global batch (window
+starts, and masks for masked LM) from the same seeded generator and takes its
+data-parallel slice, so any layout trains on exactly the tokens one process would.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import nn
 
 from cotune import hardware
 from cotune.config import TrialConfig
-from cotune.trial import measure
+from cotune.trial import batches, measure
 from cotune.trial.distributed import Dist
 from cotune.trial.loss_scale import DynamicLossScaler
 from cotune.trial.parallelize import Parallel, clip_grad_norm, sync_tied_grads
@@ -30,9 +30,15 @@ class Trainer:
 
     def __init__(
         self, config: TrialConfig, par: Parallel, d: Dist, train_tokens: np.ndarray, scaler: DynamicLossScaler,
-        train_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        train_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], masking: batches.Masking | None = None,
+        pipeline_loss: PipelineLoss | None = None,
     ) -> None:
+        self.pipeline_loss = pipeline_loss  # the schedule's loss function, told each micro batch's target count
         self.config = config
+        self.objective = config.workload.objective
+        if self.objective == "masked_lm" and masking is None:
+            raise ValueError("a masked_lm workload needs the tokenizer's mask token (Masking), but got None")
+        self.masking = masking
         self.train_loss = train_loss  # mean over tokens; PyTorch's or the Triton kernel's
         self.d = d
         self.device = d.device
@@ -60,27 +66,40 @@ class Trainer:
             else contextlib.nullcontext
         )
 
-    def windows(self, starts: np.ndarray, tokens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and next-token targets, each (B, T) int64, for windows starting at ``starts``."""
+    def batch(self, starts: np.ndarray, tokens: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Inputs and targets, each (B, T) int64, for the windows starting at ``starts`` (the objective's)."""
         T = self.config.workload.seq_len
-        xy = torch.from_numpy(tokens[starts[:, None] + np.arange(T + 1)].astype(np.int64))  # (B, T+1)
+        if self.objective == "masked_lm":
+            return batches.masked_lm(tokens, starts, T, rng, self.masking)
+        return batches.causal_lm(tokens, starts, T)
+
+    def to_device(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        xy = torch.from_numpy(np.stack([x, y]))  # (2, B, T): one copy to the device
         if self.device.type == "cuda":
             xy = xy.pin_memory().to(self.device, non_blocking=True)
-        return xy[:, :-1], xy[:, 1:]
+        return xy[0], xy[1]
 
     def step_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's micro batches for one step.
 
-        The whole global batch of window starts is drawn on every rank from the same seeded
-        generator, and each data-parallel rank takes its own contiguous slice, so any layout
-        trains on exactly the tokens one process would.
+        The whole global batch (window starts, and masks) is drawn on every rank from the same
+        seeded generator, and each data-parallel rank takes its own contiguous slice, so any
+        layout trains on exactly the tokens one process would.
         """
         b, T = self.config.batch, self.config.workload.seq_len
-        starts = self.rng.integers(0, len(self.tokens) - T, size=b.global_batch_size)  # a window needs T + 1
+        span = T + batches.window_tokens(self.objective)
+        starts = self.rng.integers(0, len(self.tokens) - span + 1, size=b.global_batch_size)
+        x, y = self.batch(starts, self.tokens, self.rng)  # (global batch, T) each
+        self.predicted: list[int] = []  # targets predicted in each micro batch (all of them for causal LM)
         local = b.micro_batch_size * b.grad_accum_steps
-        mine = starts[self.d.dp_index * local:(self.d.dp_index + 1) * local]
-        return [self.windows(mine[k * b.micro_batch_size:(k + 1) * b.micro_batch_size], self.tokens)
-                for k in range(b.grad_accum_steps)]
+        lo = self.d.dp_index * local
+        out = []
+        for k in range(b.grad_accum_steps):
+            rows = slice(lo + k * b.micro_batch_size, lo + (k + 1) * b.micro_batch_size)
+            # Counted on the host, from numpy: reading it off the device would sync inside the timed step.
+            self.predicted.append(int((y[rows] != batches.IGNORE).sum()))
+            out.append(self.to_device(x[rows], y[rows]))
+        return out
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Training loss (mean); with reduction="sum", PyTorch's fp32 cross-entropy, for evaluation."""
@@ -98,13 +117,13 @@ class Trainer:
             group["lr"] = lr
         accum = self.config.batch.grad_accum_steps
         total = torch.zeros((), device=self.device)
-        for x, y in self.step_batches():
+        for k, (x, y) in enumerate(self.step_batches()):
             if self.par.schedule is None:
                 loss = self.loss(x, y)
                 total = total + loss.detach()
                 self.scaler.scale(loss / accum).backward()
             else:
-                total = total + self._pipeline_step(x, y) * accum
+                total = total + self._pipeline_step(x, y, self.predicted[k]) * accum
         self.scaler.unscale_(self.params)  # clip the true gradients, not the scaled ones
         if self.d.world_size == 1:
             norm = nn.utils.clip_grad_norm_(self.params, self.config.optimizer.grad_clip)
@@ -120,13 +139,15 @@ class Trainer:
             mean = torch.tensor(self.d.loss_mean(mean.item()))
         return mean
 
-    def _pipeline_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _pipeline_step(self, x: torch.Tensor, y: torch.Tensor, predicted: int) -> torch.Tensor:
         """Forward and backward of one micro batch through the pipeline schedule.
 
-        The schedule splits it into pp_microbatches; the loss function divides each one's
-        mean by pp_microbatches * grad_accum_steps, so the gradients sum to the micro
-        batch's mean. Returns this rank's mean loss / accum (0 off the last stage).
+        The schedule splits it into pp_microbatches; :class:`PipelineLoss` scales each one's
+        loss so that they sum to the micro batch's mean / accum, as one process computes it.
+        Returns this rank's mean loss / accum (0 off the last stage).
         """
+        if self.pipeline_loss is not None:
+            self.pipeline_loss.predicted = predicted
         losses: list[torch.Tensor] = []
         args = (x,) if self.par.has_first else ()
         target = y if self.par.has_last else None
@@ -138,23 +159,26 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, val_tokens: np.ndarray) -> float:
-        """Mean cross-entropy over fixed, evenly spaced seq_len windows of the val split (nats/token).
+        """Mean cross-entropy over fixed, evenly spaced windows of the val split (nats per predicted token).
 
-        Every data-parallel rank evaluates all windows (the same set in every layout); with
-        pp > 1 the hidden states travel stage to stage by point-to-point sends.
+        The windows (and, for masked LM, their masks: a fixed seed) are the same in every trial
+        of a study. Every data-parallel rank evaluates all windows; with pp > 1 the hidden
+        states travel stage to stage by point-to-point sends.
         """
         run, T = self.config.run, self.config.workload.seq_len
-        starts = measure.eval_window_starts(len(val_tokens), T, run.eval_tokens)
+        starts = measure.eval_window_starts(len(val_tokens), T, run.eval_tokens, batches.window_tokens(self.objective))
+        x_all, y_all = self.batch(starts, val_tokens, np.random.default_rng(batches.EVAL_MASK_SEED))
         for m in self.par.modules:
             m.eval()
         total, count = 0.0, 0
-        for i in range(0, len(starts), self.config.batch.micro_batch_size):
-            x, y = self.windows(starts[i : i + self.config.batch.micro_batch_size], val_tokens)
+        mb = self.config.batch.micro_batch_size
+        for i in range(0, len(starts), mb):
+            x, y = self.to_device(x_all[i:i + mb], y_all[i:i + mb])
             if self.par.schedule is None:
                 total += self.loss(x, y, reduction="sum").item()
             else:
                 total += self._pipeline_forward_loss(x, y)
-            count += y.numel()
+            count += int((y_all[i:i + mb] != batches.IGNORE).sum())
         for m in self.par.modules:
             m.train()
         return self.d.loss_mean(total / count) if self.d.world_size > 1 else total / count
@@ -184,6 +208,32 @@ class Trainer:
         return out
 
 
+class PipelineLoss:
+    """The pipeline schedule's loss for one of the pp_microbatches chunks of a micro batch.
+
+    The chunks' losses must add up to the micro batch's mean loss / grad_accum_steps, the
+    gradient one process takes. For causal LM every chunk predicts as many tokens, so each
+    is its mean / (chunks * accum). For masked LM the chunks predict different numbers of
+    tokens, so each is its *sum* / (the micro batch's predicted tokens * accum), which the
+    trainer sets before each micro batch; a mean per chunk would weight tokens unequally.
+    """
+
+    def __init__(self, config: TrialConfig, train_loss: Callable, scaler: DynamicLossScaler) -> None:
+        self.masked = config.workload.objective == "masked_lm"
+        self.accum = config.batch.grad_accum_steps
+        self.chunks = config.parallel.pp_microbatches
+        self.train_loss, self.scaler = train_loss, scaler
+        self.predicted = 0  # targets predicted in the current micro batch (set by Trainer)
+
+    def __call__(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.masked:
+            loss = cross_entropy(out, target, "sum") / (max(1, self.predicted) * self.accum)
+        else:
+            loss = self.train_loss(out, target) / (self.chunks * self.accum)
+        return self.scaler.scale(loss)
+
+
 def cross_entropy(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Over the targets that are not batches.IGNORE (all of them for causal LM, the masked ones for masked LM)."""
     # Cross-entropy in fp32 whatever the compute precision: a softmax over V in bf16 loses the loss.
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction=reduction)
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=batches.IGNORE, reduction=reduction)
