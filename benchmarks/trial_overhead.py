@@ -19,7 +19,7 @@ from pathlib import Path
 
 import optuna
 
-from cotune import data, hardware, runner, search
+from cotune import data, hardware, runner, search, workload
 from cotune.space import default_space_path, load_space
 
 PHASES = [
@@ -46,15 +46,17 @@ def main() -> None:
     space_path = args.space or default_space_path(fingerprint["hardware"]["gpu_count"])
     space = load_space(space_path)
     cache_dir = data.default_cache_dir()
-    info = data.prepare_data(space.workload.data, cache_dir)
-    vocab = info.vocab_size if space.workload.vocab_size == "auto" else space.workload.vocab_size
+    w = space.workload
+    info = data.prepare_data(w.data, cache_dir, seq_len=w.seq_len, tokenizer=w.tokenizer, text_field=w.data_field)
+    vocab = info.vocab_size if w.vocab_size == "auto" else w.vocab_size
+    described = workload.describe(w, vocab_size=vocab, eot_id=info.eot_id, pad_id=info.pad_id, cache_dir=cache_dir)
 
     rows: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         settings = search.SearchSettings(
             space=space, space_path=str(space_path), objectives=list(space.objectives), budget=args.trials,
             fingerprint=fingerprint, vocab_size=vocab, runs_dir=Path(tmp) / "runs", sampler="random", seed=0,
-            world_size=search.check_hardware(space, str(space_path), fingerprint),
+            world_size=search.check_hardware(space, str(space_path), fingerprint), workload=described,
         )
         study = search.open_study(optuna.storages.RDBStorage(f"sqlite:///{tmp}/bench.db"), "bench", settings)
         returned_at = {}

@@ -122,8 +122,7 @@ def search(
     objective_names = objective_names or list(search_space.objectives)
     world_size = engine.check_hardware(search_space, str(space_path), fingerprint)
     cache_dir = data_mod.default_cache_dir()
-    with console.status(f"preparing data {search_space.workload.data}"):
-        data_info = data_mod.prepare_data(search_space.workload.data, cache_dir)
+    data_info = _prepare_data(search_space.workload, cache_dir)
     vocab = search_space.workload.vocab_size
     if vocab == "auto":
         vocab = data_info.vocab_size
@@ -132,12 +131,13 @@ def search(
             f"{space_path}: workload.vocab_size is {vocab} but the data {search_space.workload.data} "
             f"has token ids up to {data_info.vocab_size - 1}; set vocab_size: auto or at least {data_info.vocab_size}"
         )
+    workload_info = _describe_workload(search_space.workload, vocab, data_info, cache_dir, str(space_path))
     name = study or search_space.name
     settings = engine.SearchSettings(
         space=search_space, space_path=str(space_path), objectives=objective_names, budget=budget,
         fingerprint=fingerprint, vocab_size=vocab, runs_dir=runs_dir / name, sampler=sampler.value, seed=seed,
         profile=profile, artifacts_dir=Path("cotune-artifacts") / name, allow_mixed_hardware=allow_mixed_hardware,
-        world_size=world_size,
+        world_size=world_size, workload=workload_info,
     )
     opt_study = engine.open_study(open_storage(storage), name, settings)
     stale = engine.fail_stale_trials(opt_study)
@@ -172,6 +172,40 @@ def search(
     _print_pareto(opt_study, objective_names)
     if report:
         _write_report(opt_study, None)
+
+
+def _prepare_data(workload, cache_dir: Path):
+    """The space's data, tokenized and cached; the first preparation shows a progress bar."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from cotune import data as data_mod
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=console, transient=True)
+    tasks: dict[str, int] = {}
+
+    def progress(what: str, done: int, total: int | None) -> None:
+        if what not in tasks:
+            tasks[what] = bar.add_task(what, total=total)
+        bar.update(tasks[what], completed=done, total=total)
+
+    with bar:
+        return data_mod.prepare_data(workload.data, cache_dir, seq_len=workload.seq_len, tokenizer=workload.tokenizer,
+                                     text_field=workload.data_field, progress=progress)
+
+
+def _describe_workload(workload, vocab: int, data_info, cache_dir: Path, where: str):
+    """What the search needs to know of the model (built once on the meta device in a child process)."""
+    from cotune import workload as workload_mod
+
+    if workload.model == "gpt":
+        return workload_mod.describe(workload, vocab_size=vocab)
+    with console.status(f"building {workload.model} on the meta device to read its layers and plans"):
+        try:
+            return workload_mod.describe(workload, vocab_size=vocab, eot_id=data_info.eot_id, pad_id=data_info.pad_id,
+                                         cache_dir=cache_dir)
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
 
 
 def _run_with_progress(opt_study, settings, run_fn) -> None:
@@ -335,7 +369,7 @@ def trial_cmd(
         config = replace(config, run=replace(config.run, profile=True))
     trial_dir = out or Path("cotune-runs") / "manual" / time.strftime("%Y%m%d-%H%M%S")
     cache_dir = data_mod.default_cache_dir()
-    data_mod.prepare_data(config.workload.data, cache_dir)
+    _prepare_data(config.workload, cache_dir)
     with console.status(f"running trial in {trial_dir}"):
         result = runner.run_trial(config, trial_dir, cache_dir=cache_dir, trace=profile)
     console.print(display.metrics_table(result))
@@ -397,8 +431,18 @@ def spaces(
 
     if check is not None:
         s = load_space(check)
+        if s.workload.model != "gpt":  # the model's own config fields are checked by building it (meta device)
+            from cotune import workload as workload_mod
+            from cotune.data import default_cache_dir
+
+            vocab = s.workload.vocab_size if isinstance(s.workload.vocab_size, int) else 258
+            with console.status(f"building {s.workload.model} on the meta device"):
+                try:
+                    workload_mod.describe(s.workload, vocab_size=vocab, cache_dir=default_cache_dir())
+                except UserError as e:
+                    raise UserError(f"{check}: {e}") from None
         tunable = [k for k, d in s.knobs.items() if not d.fixed]
-        console.print(f"{check}: valid space {s.name!r} ({s.hardware.device}, {len(s.knobs)} knobs, "
+        console.print(f"{check}: valid space {s.name!r} ({s.hardware.device}, {s.workload.model}, {len(s.knobs)} knobs, "
                       f"{len(tunable)} tunable: {', '.join(tunable)}; {len(s.constraints)} constraints)")
         return
     table = Table(title="shipped search spaces", header_style="bold")
@@ -409,10 +453,20 @@ def spaces(
         w = s.workload
         tunable = sum(not d.fixed for d in s.knobs.values())
         nproc = s.hardware.nproc or "all"
-        table.add_row(s.name, f"{s.hardware.device} x{nproc}",
-                      f"{w.n_layer}L {w.n_embd}d {w.n_head}h T={w.seq_len}", str(tunable))
+        table.add_row(s.name, f"{s.hardware.device} x{nproc}", _model_line(w), str(tunable))
     console.print(table)
     console.print(f"files: {_short(shipped_spaces()[0].parent)}/<name>.yaml; pass one with --space")
+
+
+def _model_line(w) -> str:
+    """One cell for a space's model: its name and the shape the space gives."""
+    if w.model == "gpt":
+        return f"gpt {w.n_layer}L {w.n_embd}d {w.n_head}h T={w.seq_len}"
+    c = w.config
+    layers = c.get("num_hidden_layers", c.get("n_layer"))
+    hidden = c.get("hidden_size", c.get("n_embd"))
+    shape = " ".join(x for x in (f"{layers}L" if layers else "", f"{hidden}d" if hidden else "") if x)
+    return f"{w.model} {shape} T={w.seq_len}".replace("  ", " ")
 
 
 def _short(path: Path) -> str:

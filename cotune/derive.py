@@ -29,6 +29,8 @@ from cotune.config import (
     WorkloadConfig,
 )
 from cotune.space import KNOBS, Domain, SearchSpace
+from cotune.workload import WorkloadInfo
+from cotune.workload import describe as describe_workload
 
 # Values a knob takes when the space does not mention it.
 DEFAULTS: dict[str, Any] = {
@@ -109,12 +111,16 @@ def build_config(
     seed: int = 0,
     profile: bool = False,
     shared_memory_bytes: int | None = None,
+    workload: WorkloadInfo | None = None,
 ) -> tuple[TrialConfig | None, str]:
     """Derive a TrialConfig and say why it is infeasible ('' when it may be launched).
 
     The config is None only when none can be built at all. ``shared_memory_bytes`` is
     the GPU's shared memory per block (None on CPU), for the Triton tile rules.
+    ``workload`` is what the search learnt about the model (cotune.workload); without
+    it the space's workload must be the built-in gpt.
     """
+    workload = workload or gpt_workload(space, vocab_size)
     v = {**DEFAULTS, **knob_values}
     world = v.get("world_size", world_size)
     if world > world_size:
@@ -138,8 +144,10 @@ def build_config(
     w = space.workload
     config = TrialConfig(
         workload=WorkloadConfig(
-            model=w.model, n_layer=w.n_layer, n_embd=w.n_embd, n_head=w.n_head,
-            seq_len=w.seq_len, vocab_size=vocab_size, data=w.data,
+            model=workload.model, config=workload.config, objective=workload.objective, n_layer=workload.n_layer,
+            n_embd=workload.n_embd, n_head=workload.n_head, n_kv_head=workload.n_kv_head,
+            ffn_hidden=workload.ffn_hidden, seq_len=w.seq_len, vocab_size=workload.vocab_size, data=w.data,
+            data_field=w.data_field, tokenizer=w.tokenizer,
         ),
         batch=BatchConfig(micro_batch_size=micro, global_batch_size=v["global_batch_size"], grad_accum_steps=grad_accum),
         parallel=ParallelConfig(
@@ -165,7 +173,31 @@ def build_config(
         ),
     )
     config = replace(config, kernels=_kernels(v, config))
-    return config, check(config, space) or _kernel_rule(config, shared_memory_bytes)
+    return config, (check(config, space) or _workload_rule(config, workload)
+                    or _kernel_rule(config, shared_memory_bytes))
+
+
+def gpt_workload(space: SearchSpace, vocab_size: int) -> WorkloadInfo:
+    """The WorkloadInfo of a space whose model is the built-in gpt (known without building it)."""
+    if space.workload.model != "gpt":
+        raise ValueError(f"the workload {space.workload.model!r} must be described first (cotune.workload.describe)")
+    return describe_workload(space.workload, vocab_size=vocab_size)
+
+
+def _workload_rule(config: TrialConfig, workload: WorkloadInfo) -> str:
+    """Why the model cannot run this layout or kernel at all ('' if it can): the reasons the workload gave."""
+    par, sw, model = config.parallel, config.software, config.workload.model
+    for used, knob, value in ((par.tp > 1, "tp", par.tp), (par.pp > 1, "pp", par.pp),
+                              (sw.activation_checkpointing, "activation_checkpointing", True),
+                              (par.sequence_parallel, "sequence_parallel", True)):
+        if used and workload.reason(knob):
+            return f"{knob}={value} cannot run on {model}: {workload.reason(knob)}"
+    for kernel in config.kernels.selected():
+        if kernel not in workload.kernels:
+            fits = ", ".join(workload.kernels) or "none"
+            return (f"{kernel}_kernel=triton cannot run on {model} ({config.workload.objective}): cotune's "
+                    f"{kernel} kernel fits the built-in gpt's; the Triton kernels that fit this model: {fits}")
+    return ""
 
 
 def _microbatches(v: dict[str, Any]) -> int:
@@ -199,8 +231,9 @@ def _layout_rule(config: TrialConfig) -> str:
     par, w, b = config.parallel, config.workload, config.batch
     stages = par.pp * par.pp_virtual_stages
     rules = [
-        (w.n_head % par.tp == 0 and (4 * w.n_embd) % par.tp == 0,
-         f"n_head % tp == 0 and 4 * n_embd % tp == 0 must hold, but got n_head={w.n_head}, n_embd={w.n_embd}, tp={par.tp}"),
+        (w.n_head % par.tp == 0 and w.kv_heads % par.tp == 0 and w.ffn_width % par.tp == 0,
+         f"n_head % tp == 0, n_kv_head % tp == 0 and ffn_hidden % tp == 0 must hold (whole heads and MLP columns "
+         f"per rank), but got n_head={w.n_head}, n_kv_head={w.kv_heads}, ffn_hidden={w.ffn_width}, tp={par.tp}"),
         (w.n_layer % stages == 0,
          f"n_layer % (pp * pp_virtual_stages) == 0 must hold, but got n_layer={w.n_layer}, pp={par.pp}, "
          f"pp_virtual_stages={par.pp_virtual_stages}"),
@@ -222,8 +255,9 @@ def _layout_rule(config: TrialConfig) -> str:
 
 def _workload_values(config: TrialConfig) -> dict[str, Any]:
     w = config.workload
-    return {"n_layer": w.n_layer, "n_embd": w.n_embd, "n_head": w.n_head, "seq_len": w.seq_len,
-            "vocab_size": w.vocab_size, "model": w.model, "data": w.data}
+    return {"n_layer": w.n_layer, "n_embd": w.n_embd, "n_head": w.n_head, "n_kv_head": w.kv_heads,
+            "ffn_hidden": w.ffn_width, "seq_len": w.seq_len, "vocab_size": w.vocab_size, "model": w.model,
+            "data": w.data, "tokenizer": w.tokenizer}
 
 
 def _kernels(v: dict[str, Any], config: TrialConfig) -> KernelConfig:

@@ -25,6 +25,7 @@ from cotune.config import STATUSES, TrialConfig, TrialResult
 from cotune.errors import UserError
 from cotune.space import OBJECTIVES, SearchSpace
 from cotune.study import counted_trials, pareto_trials
+from cotune.workload import WorkloadInfo
 
 RunFn = Callable[[TrialConfig, Path], TrialResult]
 
@@ -70,6 +71,7 @@ class SearchSettings:
     artifacts_dir: Path | None = None
     allow_mixed_hardware: bool = False
     world_size: int = 1
+    workload: WorkloadInfo | None = None  # what cotune.workload learnt of the model; None: the built-in gpt
 
     @property
     def native_precisions(self) -> list[str]:
@@ -123,6 +125,7 @@ def open_study(
         "sampler": settings.sampler,
         "hardware_id": settings.fingerprint["hardware_id"],
         "fingerprint": settings.fingerprint,
+        "workload": settings.workload.to_dict() if settings.workload is not None else None,
         "cotune_version": __version__,
     }
     for key, value in attrs.items():
@@ -235,12 +238,13 @@ def run_search(
             settings.space, knob_values, world_size=settings.world_size, vocab_size=settings.vocab_size,
             seed=trial.number if settings.seed is None else settings.seed, profile=settings.profile,
             shared_memory_bytes=hardware.shared_memory_bytes(settings.fingerprint, settings.space.hardware.device),
+            workload=settings.workload,
         )
         if config is not None and config.kernels.selected() and not settings.fingerprint["software"].get("triton"):
             reason = reason or ("kernels=triton needs Triton, which this machine does not have installed "
                                 "(pip install 'cotune[kernels]'; CUDA builds of torch bring it)")
         estimate = None
-        if config is not None:
+        if config is not None and config.workload.model == "gpt":  # the memory model counts the built-in GPT's tensors
             # The analytic memory model, before launch: a config that cannot fit is never run.
             estimate = memory.estimate(config, runtime_bytes=memory.runtime_bytes(settings.fingerprint, config.run.device))
             reason = reason or memory.fits(estimate, memory.capacity_bytes(

@@ -70,6 +70,10 @@ KNOBS: dict[str, Knob] = {
 # Values computed from the knobs, never sampled; constraints may read them.
 DERIVED = ("dp", "grad_accum_steps", "world_size")  # world_size is also a knob where a space tunes it
 
+# Workload fields a constraint may read (for hf: models the shape is read off the model's config).
+WORKLOAD_NAMES = {"n_layer", "n_embd", "n_head", "n_kv_head", "ffn_hidden", "seq_len", "vocab_size", "model", "data",
+                  "tokenizer"}
+
 OBJECTIVES: dict[str, tuple[str, str]] = {
     # name: (metric key in TrialResult.metrics, direction)
     "tokens_per_second": ("tokens_per_second", "maximize"),
@@ -141,21 +145,76 @@ class HardwareSpec(_Strict):
 
 
 class WorkloadSpec(_Strict):
+    """What a study trains: the model, its fixed shape, the data and the tokenizer.
+
+    ``model: gpt`` (the built-in decoder) takes its shape from ``n_layer``, ``n_embd`` and
+    ``n_head``; ``model: hf:<model_type>`` or ``hf:/local/dir`` takes the architecture's own
+    config fields under ``config`` (``hidden_size``, ``num_hidden_layers``, ...); a user's
+    ``package.module:function`` gets both, as the space gives them. The fields of a Hugging
+    Face config are checked against the architecture when the search starts (that needs
+    ``transformers``), not here.
+    """
+
     model: str = "gpt"
-    n_layer: int = Field(ge=1)
-    n_embd: int = Field(ge=1)
-    n_head: int = Field(ge=1)
+    config: dict[str, Any] = {}
+    n_layer: int | None = Field(default=None, ge=1)
+    n_embd: int | None = Field(default=None, ge=1)
+    n_head: int | None = Field(default=None, ge=1)
     seq_len: int = Field(ge=2)
-    vocab_size: int | Literal["auto"] = "auto"  # auto: from the data (256 for bytes)
+    vocab_size: int | Literal["auto"] = "auto"  # auto: the tokenizer's (258 for bytes), or the .bin data's
     data: str = "builtin:stdlib-docstrings"
+    data_field: str = "text"  # the text field of JSON Lines, Parquet and Arrow data
+    tokenizer: str = "bytes"  # bytes | bpe:<vocab size> | a local tokenizer folder
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        if v == "gpt" or (v.startswith("hf:") and len(v) > 3) or _is_import_path(v):
+            return v
+        raise ValueError(
+            f"{v!r} is not a model; valid: gpt, hf:<model_type> (e.g. hf:llama, hf:gpt2, hf:qwen2, hf:bert), "
+            "hf:/path/to/local/dir, or package.module:function"
+        )
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer(cls, v: str) -> str:
+        if v.startswith("bpe:"):
+            size = v.removeprefix("bpe:")
+            if not size.isdigit() or not 259 <= int(size) <= 2**32 - 1:
+                raise ValueError(f"{v!r}: bpe:<vocab size> needs a whole vocabulary size of at least 259 "
+                                 "(256 byte symbols and 3 special tokens), e.g. bpe:4096")
+        elif not v:
+            raise ValueError("give bytes, bpe:<vocab size> or a local tokenizer folder")
+        return v
 
     @model_validator(mode="after")
-    def _heads(self) -> WorkloadSpec:
-        if self.n_embd % self.n_head:
+    def _shape(self) -> WorkloadSpec:
+        shape = {"n_layer": self.n_layer, "n_embd": self.n_embd, "n_head": self.n_head}
+        if self.model == "gpt":
+            missing = [k for k, v in shape.items() if v is None]
+            if missing:
+                raise ValueError(f"model gpt needs {', '.join(missing)} (its shape); "
+                                 "e.g. n_layer: 2, n_embd: 64, n_head: 4")
+            if self.config:
+                raise ValueError("model gpt takes its shape from n_layer, n_embd and n_head, not from config; "
+                                 "config is for hf: and package.module:function models")
+        elif self.model.startswith("hf:"):
+            given = [k for k, v in shape.items() if v is not None]
+            if given:
+                names = {"n_layer": "num_hidden_layers", "n_embd": "hidden_size", "n_head": "num_attention_heads"}
+                raise ValueError(f"{given[0]}: a Hugging Face model takes its shape from its own config fields; "
+                                 f"give config: {{{names[given[0]]}: ...}} instead")
+        if self.n_embd is not None and self.n_head is not None and self.n_embd % self.n_head:
             raise ValueError(
                 f"n_embd % n_head == 0 must hold, but got n_embd={self.n_embd}, n_head={self.n_head}"
             )
         return self
+
+
+def _is_import_path(v: str) -> bool:
+    module, sep, attr = v.partition(":")
+    return bool(sep) and all(p.isidentifier() for p in module.split(".")) and attr.isidentifier()
 
 
 class TrialSpec(_Strict):
@@ -207,7 +266,7 @@ class SearchSpace(_Strict):
 
     @model_validator(mode="after")
     def _cross(self) -> SearchSpace:
-        known = set(KNOBS) | set(DERIVED) | set(WorkloadSpec.model_fields)
+        known = set(KNOBS) | set(DERIVED) | WORKLOAD_NAMES
         for c in self.constraints:
             unknown = sorted(constraints.names(c.expr) - known)
             if unknown:
@@ -321,5 +380,5 @@ def shipped_spaces() -> list[Path]:
 
 def default_space_path(gpu_count: int) -> Path:
     """The shipped space for the detected hardware: CPU, one GPU, or eight."""
-    name = "cpu-tiny-gpt" if gpu_count == 0 else ("gpu-1-gpt2-small" if gpu_count < 8 else "gpu-8-gpt2-medium")
+    name = "cpu-tiny-gpt" if gpu_count == 0 else ("gpu-1-llama-1b" if gpu_count < 8 else "gpu-8-llama-8b")
     return spaces_dir() / f"{name}.yaml"

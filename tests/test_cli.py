@@ -50,7 +50,7 @@ def test_bad_space_file(tmp_path, name):
         (["--objectives", "speed,loss"], ["--objectives 'speed,loss'", "tokens_per_second"]),
         (["--space", "nope.yaml"], ["nope.yaml: no such search-space file"]),
         (["--space", str(CPU_SPACE), "--data", "missing.txt"], ["missing.txt"]),
-        (["--space", str(ROOT / "search_spaces" / "gpu-1-gpt2-small.yaml")], ["hardware.device is cuda"]),
+        (["--space", str(ROOT / "search_spaces" / "gpu-1-llama-1b.yaml")], ["hardware.device is cuda"]),
     ],
 )
 def test_bad_flags(tmp_path, args, fragments, fingerprint):
@@ -86,7 +86,7 @@ def test_listing_and_reading_need_a_study(tmp_path):
 def test_spaces_lists_the_shipped_ones(tmp_path):
     result = run_cli("spaces", cwd=tmp_path)
     assert result.returncode == 0
-    for name in ("cpu-tiny-gpt", "gpu-1-gpt2-small", "gpu-8-gpt2-medium"):
+    for name in ("cpu-tiny-gpt", "cpu-llama-tiny", "cpu-bert-mlm", "gpu-1-llama-1b", "gpu-8-llama-8b"):
         assert name in result.stdout
     ok = run_cli("spaces", "--check", str(CPU_SPACE), cwd=tmp_path)
     assert ok.returncode == 0 and "valid space 'cpu-tiny-gpt'" in ok.stdout

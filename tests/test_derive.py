@@ -28,7 +28,7 @@ def test_micro_batch_is_capped_and_accumulation_derived(cpu_space):
 
 
 def test_layout_is_fitted_to_the_world_size():
-    space = load_space(ROOT / "search_spaces" / "gpu-8-gpt2-medium.yaml")
+    space = load_space(ROOT / "benchmarks" / "spaces" / "gpu-8-gpt2-medium.yaml")
 
     def layout(values, world):
         config, reason = derive.build_config(space, values, world_size=world, vocab_size=256)
@@ -46,7 +46,7 @@ def test_layout_is_fitted_to_the_world_size():
 
 
 def test_layout_rules_and_constraints_name_every_value():
-    space = load_space(ROOT / "search_spaces" / "gpu-8-gpt2-medium.yaml")
+    space = load_space(ROOT / "benchmarks" / "spaces" / "gpu-8-gpt2-medium.yaml")
     space22 = space.model_copy(update={"workload": space.workload.model_copy(update={"n_layer": 22})})
     _, reason = derive.build_config(space22, {"pp": 4}, world_size=4, vocab_size=256)
     assert reason.startswith("n_layer % pp == 0 must hold") and "n_layer=22, pp=4" in reason
@@ -59,7 +59,7 @@ def test_layout_rules_and_constraints_name_every_value():
     config, _ = derive.build_config(space, {"pp": 2, "pp_schedule": "1f1b", "pp_virtual_stages": 2,
                                             "global_batch_size": 64, "pp_microbatches": 4}, world_size=2, vocab_size=256)
     assert config.parallel.pp_virtual_stages == 1
-    gpu8 = load_space(ROOT / "search_spaces" / "gpu-8-gpt2-medium.yaml")
+    gpu8 = load_space(ROOT / "benchmarks" / "spaces" / "gpu-8-gpt2-medium.yaml")
     gpu8 = gpu8.model_copy(update={"workload": gpu8.workload.model_copy(update={"seq_len": 60})})
     _, reason = derive.build_config(gpu8, {"tp": 8, "sequence_parallel": True, "global_batch_size": 64},
                                     world_size=8, vocab_size=256)
@@ -71,7 +71,7 @@ def test_layout_rules_and_constraints_name_every_value():
 def test_declared_constraint_names_every_value(cpu_space):
     space = cpu_space.model_copy(update={"constraints": [
         *cpu_space.constraints,
-        *load_space(ROOT / "search_spaces" / "gpu-1-gpt2-small.yaml").constraints[1:],
+        *load_space(ROOT / "benchmarks" / "spaces" / "gpu-1-gpt2-small.yaml").constraints[1:],
     ]})
     space = space.model_copy(update={"workload": space.workload.model_copy(update={"seq_len": 2048})})
     _, reason = derive.build_config(space, {"micro_batch_size": 32, "global_batch_size": 32}, world_size=1,
@@ -104,7 +104,7 @@ def test_config_round_trips_through_json(cpu_space):
 
 
 def test_tile_knobs_are_asked_for_only_when_their_kernel_runs_in_triton():
-    space = load_space(ROOT / "search_spaces" / "gpu-1-gpt2-small.yaml")
+    space = load_space(ROOT / "benchmarks" / "spaces" / "gpu-1-gpt2-small.yaml")
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
     seen = set()
     for _ in range(30):
@@ -136,14 +136,14 @@ def test_tile_rules_name_every_value(cpu_space):
     _, reason = derive.build_config(cpu_space, {"kernels": "triton", "precision": "bf16"}, world_size=1,
                                     vocab_size=256)
     assert reason.startswith("Triton kernels on CPU run in the interpreter in fp32 only, but got precision=bf16")
-    gpu = load_space(ROOT / "search_spaces" / "gpu-1-gpt2-small.yaml")
+    gpu = load_space(ROOT / "benchmarks" / "spaces" / "gpu-1-gpt2-small.yaml")
     big = {"kernels": "triton", "precision": "bf16", "mlp_block_m": 128, "mlp_block_n": 128, "mlp_block_k": 64,
            "mlp_num_stages": 4, "ce_block_size": 256, "ln_block_size": 256}
     _, reason = derive.build_config(gpu, big, world_size=1, vocab_size=256, shared_memory_bytes=232448)
     assert reason == ""  # 4 * (128*64 + 64*128) * 2 bytes = 128 KiB fits an H100's 227 KiB
     _, reason = derive.build_config(gpu, big, world_size=1, vocab_size=256, shared_memory_bytes=99 * 1024)
     assert reason.startswith("mlp kernel: num_stages * (BLOCK_M*BLOCK_K + BLOCK_K*BLOCK_N) * dtype_bytes")
-    gpu8 = load_space(ROOT / "search_spaces" / "gpu-8-gpt2-medium.yaml")
+    gpu8 = load_space(ROOT / "benchmarks" / "spaces" / "gpu-8-gpt2-medium.yaml")
     _, reason = derive.build_config(gpu8, {"kernels": "triton", "tp": 2, "precision": "bf16"}, world_size=8,
                                     vocab_size=256)
     assert reason.startswith("mlp_kernel=triton with tp > 1 is not run yet") and "tp=2" in reason

@@ -22,7 +22,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_shipped_spaces_load_and_cover_the_required_knobs():
     paths = shipped_spaces()
     names = {p.stem for p in paths}
-    assert {"cpu-tiny-gpt", "gpu-1-gpt2-small", "gpu-8-gpt2-medium"} <= names
+    assert {"cpu-tiny-gpt", "cpu-llama-tiny", "cpu-bert-mlm", "gpu-1-llama-1b", "gpu-8-llama-8b"} <= names
     required = {"micro_batch_size", "global_batch_size", "precision", "learning_rate", "warmup_fraction",
                 "weight_decay", "adam_beta2", "activation_checkpointing", "compile", "fsdp", "tp", "pp"}
     for path in paths:
@@ -30,17 +30,17 @@ def test_shipped_spaces_load_and_cover_the_required_knobs():
         assert space.name == path.stem
         if path.stem != "cpu-triton-tiny":  # that one exists to run the Triton path, at the least cost
             assert required <= set(space.knobs), path
-        if path.stem.startswith("gpu-"):  # the GPU spaces tune the Triton kernels and their tiles
-            assert "triton" in space.knobs["kernels"].choices, path
-            assert {"mlp_block_m", "ce_block_size", "ln_block_size"} <= set(space.knobs), path
+        if path.stem.startswith("gpu-"):  # the GPU spaces tune the Triton kernel that fits Llama, and its tiles
+            assert "triton" in space.knobs["cross_entropy_kernel"].choices, path
+            assert {"ce_block_size", "ce_num_warps"} <= set(space.knobs), path
         assert space.baseline, f"{path} declares no baseline"
         assert {"tokens_per_second", "val_loss"} <= set(space.objectives)
 
 
 def test_default_space_follows_the_gpu_count():
     assert default_space_path(0).stem == "cpu-tiny-gpt"
-    assert default_space_path(1).stem == "gpu-1-gpt2-small"
-    assert default_space_path(8).stem == "gpu-8-gpt2-medium"
+    assert default_space_path(1).stem == "gpu-1-llama-1b"
+    assert default_space_path(8).stem == "gpu-8-llama-8b"
 
 
 def test_typed_values(tmp_path):
@@ -84,6 +84,15 @@ constraints:
         (BASE + "knobs:\n  mlp_block_m: {choices: [64, 48]}\n", "knob 'mlp_block_m': 48 is not a power of two"),
         (BASE + "knobs:\n  kernels: {choices: [torch, cuda]}\n", "'cuda' is not one of torch, triton"),
         (BASE + "knobs:\n  mlp_num_warps: {choices: [64]}\n", "out of range"),
+        ("name: t\nworkload: {model: llama, seq_len: 8}\nknobs: {}\n",
+         "workload.model: 'llama' is not a model; valid: gpt, hf:<model_type>"),
+        ("name: t\nworkload: {model: gpt, seq_len: 8, n_layer: 1}\nknobs: {}\n", "model gpt needs n_embd, n_head"),
+        ("name: t\nworkload: {n_layer: 1, n_embd: 8, n_head: 2, seq_len: 8, config: {hidden_size: 8}}\nknobs: {}\n",
+         "model gpt takes its shape from n_layer, n_embd and n_head, not from config"),
+        ("name: t\nworkload: {model: 'hf:llama', n_layer: 2, seq_len: 8}\nknobs: {}\n",
+         "n_layer: a Hugging Face model takes its shape from its own config fields; give config: {num_hidden_layers"),
+        (BASE.replace("seq_len: 8}", "seq_len: 8, tokenizer: 'bpe:100'}") + "knobs: {}\n",
+         "workload.tokenizer: 'bpe:100': bpe:<vocab size> needs a whole vocabulary size of at least 259"),
     ],
 )
 def test_bad_spaces_name_file_and_field(tmp_path, text, expected):
