@@ -8,7 +8,7 @@ datasheet peak; the row kernels in GB/s of the bytes they must move and % of the
 datasheet bandwidth; the cross-entropy also by its peak memory.
 
     python benchmarks/kernels.py                                   # the 1-GPU space's shapes
-    python benchmarks/kernels.py --space search_spaces/gpu-8-gpt2-medium.yaml --vocab 50304
+    python benchmarks/kernels.py --space benchmarks/spaces/gpu-8-gpt2-medium.yaml --vocab 50304
     python benchmarks/kernels.py --cpu-interpreter                 # no GPU: check the script's path
 
 Without a CUDA GPU it says so and exits 0; ``--cpu-interpreter`` then runs the same loop in
@@ -65,7 +65,7 @@ def work(kernel: str, shape: dict[str, int], dtype_bytes: int) -> tuple[float, s
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--space", type=Path, default=ROOT / "search_spaces" / "gpu-1-gpt2-small.yaml")
+    parser.add_argument("--space", type=Path, default=ROOT / "benchmarks" / "spaces" / "gpu-1-gpt2-small.yaml")
     parser.add_argument("--micro-batch", type=int, default=None, help="default: the space's baseline")
     parser.add_argument("--precision", default=None, help="fp32 | bf16 | fp16 (default: the space's baseline)")
     parser.add_argument("--vocab", type=int, default=50304, help="vocabulary (50304: GPT-2 tokens, padded)")

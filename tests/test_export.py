@@ -4,22 +4,27 @@
 Libraries (CI installs them, see README): transformers, lightning, accelerate, deepspeed, torchtitan (>= 0.3,
 needs triton) and torchtitan 0.2.2 in ``.ci/torchtitan-0.2`` for the legacy TOML. Megatron-LM's parser is not
 installable (``megatron/training/arguments.py`` ships only in the Megatron-LM repository, not in the
-``megatron-core`` wheel, and imports CUDA-only modules), so its flags are checked against a copy of them below.
+``megatron-core`` wheel, and imports CUDA-only modules), so its flags are checked against a copy of them below;
+transformers' run_clm.py / run_mlm.py are not in its wheel either, so their argument dataclasses are copied too.
+The model each format names is rebuilt with the target's own code where it has one (transformers' configs,
+torchtitan's model registry) and compared with the model the trial trained.
 This machine has no GPU: a config for ``cuda`` is loaded as noted in each loader.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
 import warnings
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -40,6 +45,7 @@ from cotune.config import (
 )
 from cotune.errors import UserError
 from cotune.export import EXPORTERS, Exported, export
+from cotune.export.architecture import HF_DEFAULTS, gpt2_twin, setting
 from cotune.export.base import budget_steps, warmup_steps
 from cotune.export.pick import config_from_study, pick_trial
 from tests.conftest import ROOT, run_cli
@@ -69,6 +75,70 @@ CONFIGS: dict[str, TrialConfig] = {
                       precision=PrecisionConfig("fp16")),
 }
 
+# Hugging Face workloads, each config dict as cotune.trial.hf.resolve_config makes it: the space's fields, then
+# the tokenizer's vocabulary, positions >= seq_len where the default is fewer, every dropout above 0 set to 0.0, and
+# bos/eos = end-of-text, pad = the tokenizer's pad (cotune's BPE: end-of-text 0, mask 1, pad 2).
+# test_config_dicts_are_what_cotune_resolves checks them against resolve_config itself.
+LLAMA_1B_SPACE = {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+                  "intermediate_size": 8192, "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
+                  "tie_word_embeddings": True}
+# Llama 3.1 8B as its own config.json has it (transformers 5 spelling), with a local copy of its tokenizer.
+LLAMA31_8B_SPACE = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                    "intermediate_size": 14336, "rms_norm_eps": 1e-5, "max_position_embeddings": 131072,
+                    "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                        "original_max_position_embeddings": 8192}}
+GPT2_SPACE = {"n_layer": 12, "n_embd": 768, "n_head": 12}
+BERT_SPACE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
+HF_SPACES = {  # config name: (model, the space's config fields, seq_len, vocabulary, end-of-text id, pad id)
+    "llama": ("hf:llama", LLAMA_1B_SPACE, 4096, 32768, 0, 2),
+    "llama8b": ("hf:llama", LLAMA31_8B_SPACE, 8192, 128256, 128001, None),
+    "gpt2": ("hf:gpt2", GPT2_SPACE, 2048, 50257, 50256, None),
+    "bert": ("hf:bert", BERT_SPACE, 512, 8192, 0, 2),
+}
+HF_FIELDS = {
+    "llama": {**LLAMA_1B_SPACE, "vocab_size": 32768, "max_position_embeddings": 4096, "bos_token_id": 0,
+              "eos_token_id": 0, "pad_token_id": 2},
+    "llama8b": {**LLAMA31_8B_SPACE, "vocab_size": 128256, "bos_token_id": 128001, "eos_token_id": 128001,
+                "pad_token_id": None},
+    "gpt2": {**GPT2_SPACE, "vocab_size": 50257, "n_positions": 2048, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+             "attn_pdrop": 0.0, "summary_first_dropout": 0.0, "bos_token_id": 50256, "eos_token_id": 50256,
+             "pad_token_id": None},
+    "bert": {**BERT_SPACE, "vocab_size": 8192, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+             "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 2},
+}
+CONFIGS.update({
+    # Llama-3.2-1B-style on 8 GPUs: FSDP x TP x PP, with the BPE cotune trains and its built-in corpus.
+    "llama": TrialConfig(
+        workload=WorkloadConfig(model="hf:llama", config=HF_FIELDS["llama"], n_layer=16, n_embd=2048, n_head=32,
+                                n_kv_head=8, seq_len=4096, vocab_size=32768, tokenizer="bpe:32768"),  # MLP: 4 x 2048
+        run=GPU_RUN, parallel=ParallelConfig(fsdp=2, tp=2, pp=2, pp_schedule="1f1b", pp_microbatches=4),
+        batch=BatchConfig(micro_batch_size=8, global_batch_size=128, grad_accum_steps=8),
+        precision=PrecisionConfig("bf16"), software=SoftwareConfig(activation_checkpointing=True)),
+    # Llama-3.1-8B on 8 GPUs (FSDP 4 x TP 2), its own tokenizer folder and a text file.
+    "llama8b": TrialConfig(
+        workload=WorkloadConfig(model="hf:llama", config=HF_FIELDS["llama8b"], n_layer=32, n_embd=4096, n_head=32,
+                                n_kv_head=8, ffn_hidden=14336, seq_len=8192, vocab_size=128256,
+                                tokenizer="/models/llama-3.1-8b", data="/data/fineweb-edu.txt"),
+        run=GPU_RUN, parallel=ParallelConfig(fsdp=4, tp=2),
+        batch=BatchConfig(micro_batch_size=1, global_batch_size=32, grad_accum_steps=8),
+        precision=PrecisionConfig("bf16"), software=SoftwareConfig(compile=True)),
+    # GPT-2 small from transformers on four GPUs (DDP) with GPT-2's own tokenizer.
+    "gpt2": TrialConfig(
+        workload=WorkloadConfig(model="hf:gpt2", config=HF_FIELDS["gpt2"], n_layer=12, n_embd=768, n_head=12,
+                                seq_len=2048, vocab_size=50257, tokenizer="/models/gpt2"),
+        run=GPU_RUN, parallel=ParallelConfig(dp=4),
+        batch=BatchConfig(micro_batch_size=8, global_batch_size=64, grad_accum_steps=2),
+        precision=PrecisionConfig("fp16")),
+    # BERT-base masked LM on two CPU processes (FSDP) over JSON Lines.
+    "bert": TrialConfig(
+        workload=WorkloadConfig(model="hf:bert", config=HF_FIELDS["bert"], objective="masked_lm", n_layer=12,
+                                n_embd=768, n_head=12, seq_len=512, vocab_size=8192,
+                                tokenizer="bpe:8192", data="corpus.jsonl"),
+        parallel=ParallelConfig(fsdp=2), batch=BatchConfig(micro_batch_size=4, global_batch_size=16, grad_accum_steps=2),
+        run=RunConfig(token_budget=1_048_576)),
+})
+
 
 def _cuda(config: TrialConfig) -> bool:
     return config.run.device == "cuda"
@@ -82,25 +152,102 @@ def load_json(path: Path, config: TrialConfig) -> TrialConfig:
     return TrialConfig.load(path)
 
 
+# run_clm.py's and run_mlm.py's own argument dataclasses (transformers' examples/pytorch/language-modeling, which
+# the transformers wheel does not ship): run_clm.py at commit 00d481d18f914b55e65faa31e82321629691eadb, run_mlm.py's
+# data arguments at 0055f834470c4662897181543b27d8cf8c50b9d6 (its model arguments are run_clm's), with the
+# __post_init__ rules our files meet. The scripts also demand a dataset_name or train_file; a file without one
+# lists workload.data instead (test_hf_names_the_model_and_data).
+@dataclass
+class ScriptModelArguments:
+    model_name_or_path: str | None = None
+    model_type: str | None = None
+    config_overrides: str | None = None
+    config_name: str | None = None
+    tokenizer_name: str | None = None
+    cache_dir: str | None = None
+    use_fast_tokenizer: bool = True
+    model_revision: str = "main"
+    token: str | None = None
+    trust_remote_code: bool = False
+    dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.config_overrides is not None and (self.config_name is not None or self.model_name_or_path is not None):
+            raise ValueError("--config_overrides can't be used in combination with --config_name or "
+                             "--model_name_or_path")
+
+
+def _check_files(args: Any) -> None:
+    for name in ("train_file", "validation_file"):
+        value = getattr(args, name)
+        if value is not None and value.split(".")[-1] not in ("csv", "json", "txt"):
+            raise ValueError(f"`{name}` should be a csv, a json or a txt file.")
+
+
+@dataclass
+class ClmDataArguments:
+    dataset_name: str | None = None
+    dataset_config_name: str | None = None
+    train_file: str | None = None
+    validation_file: str | None = None
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    streaming: bool = False
+    block_size: int | None = None
+    overwrite_cache: bool = False
+    validation_split_percentage: int | None = 5
+    preprocessing_num_workers: int | None = None
+    keep_linebreaks: bool = True
+
+    def __post_init__(self) -> None:
+        _check_files(self)
+
+
+@dataclass
+class MlmDataArguments:
+    dataset_name: str | None = None
+    dataset_config_name: str | None = None
+    train_file: str | None = None
+    validation_file: str | None = None
+    overwrite_cache: bool = False
+    validation_split_percentage: int | None = 5
+    max_seq_length: int | None = None
+    preprocessing_num_workers: int | None = None
+    mlm_probability: float = 0.15
+    line_by_line: bool = False
+    pad_to_max_length: bool = False
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_files(self)
+
+
 def load_hf(path: Path, config: TrialConfig) -> Any:
-    """HfArgumentParser(TrainingArguments): unknown keys are errors; a deprecated field's FutureWarning fails too.
+    """What ``python run_clm.py this.json`` (run_mlm.py for masked LM) parses: HfArgumentParser over the script's
+    ModelArguments, DataTrainingArguments and TrainingArguments, unknown keys an error; a deprecated field's
+    FutureWarning fails too. Returns (model_args, data_args, training_args).
 
     No GPU here: TrainingArguments refuses bf16 without one, so a cuda config is parsed with use_cpu=true.
     """
     from transformers import HfArgumentParser, TrainingArguments
 
-    parser = HfArgumentParser(TrainingArguments)
+    data_class = MlmDataArguments if config.workload.objective == "masked_lm" else ClmDataArguments
+    parser = HfArgumentParser((ScriptModelArguments, data_class, TrainingArguments))
     data = json.loads(path.read_text())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if _cuda(config):
-            (args,) = parser.parse_dict({**data, "use_cpu": True})
+            parsed = parser.parse_dict({**data, "use_cpu": True})
         else:
-            (args,) = parser.parse_json_file(str(path))
+            parsed = parser.parse_json_file(str(path))
     deprecated = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)
                   and any(f"`{key}`" in str(w.message) for key in data)]
     assert not deprecated, deprecated
-    return args
+    # TrainingArguments alone reads the file too (the script's keys aside), as the module docstring says.
+    (alone,) = HfArgumentParser(TrainingArguments).parse_dict({**data, "use_cpu": True}, allow_extra_keys=True)
+    assert alone.max_steps == parsed[2].max_steps
+    return parsed
 
 
 def load_lightning(path: Path, config: TrialConfig) -> Any:
@@ -237,8 +384,21 @@ def load_accelerate(path: Path, config: TrialConfig) -> Any:
 # Megatron-LM's flags as its parser defines them: megatron/training/arguments.py in NVIDIA/Megatron-LM at commit
 # 000c4ac24f61159c138b0975def722c65245983c (add_argument calls in _add_network_size_args, _add_regularization_args,
 # _add_training_args, _add_initialization_args, _add_learning_rate_args, _add_checkpointing_args,
-# _add_mixed_precision_args, _add_distributed_args, _add_data_args). True = store_true; a tuple = its choices.
-MEGATRON_FLAGS: dict[str, type | bool | tuple[str, ...]] = {
+# _add_mixed_precision_args, _add_distributed_args, _add_data_args, _add_tokenizer_args). True = store_true;
+# a str = store_false into that dest; a tuple = its choices.
+MEGATRON_FLAGS: dict[str, type | bool | str | tuple[str, ...]] = {
+    # the model (network size, training, initialization, data and tokenizer groups)
+    "--ffn-hidden-size": int, "--kv-channels": int, "--group-query-attention": True, "--num-query-groups": int,
+    "--position-embedding-type": ("learned_absolute", "rope", "mrope", "relative", "none"),
+    "--rotary-base": int, "--use-rope-scaling": True, "--rope-scaling-factor": float,
+    "--normalization": ("LayerNorm", "RMSNorm"), "--norm-epsilon": float, "--swiglu": True,
+    "--untie-embeddings-and-output-weights": True, "--disable-bias-linear": "add_bias_linear",
+    "--add-qkv-bias": True, "--bert-no-binary-head": "bert_binary_head", "--mask-prob": float,
+    "--init-method-std": float, "--tokenizer-model": str,
+    "--tokenizer-type": ("BertWordPieceLowerCase", "BertWordPieceCase", "GPT2BPETokenizer", "SentencePieceTokenizer",
+                         "GPTSentencePieceTokenizer", "HuggingFaceTokenizer", "Llama2Tokenizer", "TikTokenizer",
+                         "MultimodalTokenizer", "NullTokenizer", "NullMultimodalTokenizer", "SFTTokenizer"),
+    # the run
     "--num-layers": int, "--hidden-size": int, "--num-attention-heads": int, "--max-position-embeddings": int,
     "--seq-length": int, "--attention-dropout": float, "--hidden-dropout": float,
     "--weight-decay": float, "--clip-grad": float, "--adam-beta1": float, "--adam-beta2": float,
@@ -261,11 +421,14 @@ MEGATRON_FLAGS: dict[str, type | bool | tuple[str, ...]] = {
 
 def load_megatron(path: Path, config: TrialConfig) -> argparse.Namespace:
     """The flags above in an argparse parser built as Megatron builds its own, plus the validate_args rules
-    (same file) that these flags meet."""
+    (same file) and TransformerConfig.__post_init__ rules (megatron/core/transformer/transformer_config.py) that
+    these flags meet."""
     parser = argparse.ArgumentParser(allow_abbrev=False, exit_on_error=False)
     for flag, kind in MEGATRON_FLAGS.items():
         if kind is True:
             parser.add_argument(flag, action="store_true")
+        elif isinstance(kind, str):
+            parser.add_argument(flag, action="store_false", dest=kind)
         elif isinstance(kind, tuple):
             parser.add_argument(flag, choices=kind)
         else:
@@ -284,6 +447,11 @@ def load_megatron(path: Path, config: TrialConfig) -> argparse.Namespace:
         assert args.pipeline_model_parallel_size > 1
     if args.recompute_method:
         assert args.recompute_granularity == "full"
+    tp = args.tensor_model_parallel_size
+    groups = args.num_query_groups if args.group_query_attention else args.num_attention_heads
+    assert args.num_attention_heads % tp == 0 and groups % tp == 0 and args.num_attention_heads % groups == 0
+    if args.kv_channels is None:
+        assert args.hidden_size % args.num_attention_heads == 0
     return args
 
 
@@ -362,8 +530,10 @@ def test_json_expresses_everything():
 
 
 def test_exporters_import_neither_torch_nor_the_target_libraries():
-    code = ("import sys; from cotune.config import TrialConfig; from cotune.export import EXPORTERS, export\n"
-            "[export(TrialConfig(), f) for f in EXPORTERS]\n"
+    code = ("import sys; from cotune.config import TrialConfig, WorkloadConfig\n"
+            "from cotune.export import EXPORTERS, export\n"
+            "llama = TrialConfig(workload=WorkloadConfig(model='hf:llama', config={'hidden_size': 64}))\n"
+            "[export(c, f) for f in EXPORTERS for c in (TrialConfig(), llama)]\n"
             "heavy = ('torch', 'transformers', 'lightning', 'deepspeed', 'torchtitan', 'accelerate', 'megatron')\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
@@ -380,7 +550,7 @@ def test_json_is_the_config_itself(config_name, tmp_path):
 
 @pytest.mark.parametrize("config_name", ["cpu", "hsdp", "3d"])
 def test_hf_values(config_name, tmp_path):
-    config, args = CONFIGS[config_name], _load(config_name, "hf", tmp_path)
+    config, (_, _, args) = CONFIGS[config_name], _load(config_name, "hf", tmp_path)
     assert args.per_device_train_batch_size == config.batch.micro_batch_size
     assert args.gradient_accumulation_steps == config.batch.grad_accum_steps
     assert args.max_steps == budget_steps(config)
@@ -396,6 +566,281 @@ def test_hf_values(config_name, tmp_path):
         assert args.fsdp_config["activation_checkpointing"] == config.software.activation_checkpointing
     else:
         assert not args.fsdp and args.activation_checkpointing == config.software.activation_checkpointing
+
+
+# --- the model, named in each format ---------------------------------------------------------------------------
+
+MODEL_CONFIGS = ["cpu", "llama", "llama8b", "gpt2", "bert"]  # the built-in GPT and each Hugging Face workload
+# workload.config fields the hf file cannot carry in config_overrides, per config (the rest it must carry exactly).
+HF_CONFIG_LOST = {"cpu": set(), "llama": {"rope_parameters", "pad_token_id"}, "llama8b": {"rope_parameters"},
+                  "gpt2": set(), "bert": {"bos_token_id", "eos_token_id"}}
+
+
+def _expected_hf_config(w: WorkloadConfig) -> Any:
+    """The transformers config of the model the trial trained (the built-in GPT's is GPT-2's)."""
+    from transformers import AutoConfig
+
+    if w.model == "gpt":
+        return AutoConfig.for_model("gpt2", **gpt2_twin(w))
+    return AutoConfig.for_model(w.model.removeprefix("hf:"), **w.config)
+
+
+@pytest.mark.parametrize("config_name", sorted(HF_SPACES))
+def test_config_dicts_are_what_cotune_resolves(config_name):
+    """The HF configs above are the dicts cotune's own resolve_config passes, and their shape fields are the model's."""
+    from cotune.trial.hf import resolve_config
+
+    model, fields, seq_len, vocab, eot, pad = HF_SPACES[config_name]
+    w = CONFIGS[config_name].workload
+    resolved, objective = resolve_config(model, fields, seq_len=seq_len, vocab_size=vocab, eot_id=eot, pad_id=pad)
+    assert resolved == w.config and objective == w.objective
+    hf = _expected_hf_config(w)
+    assert (hf.num_hidden_layers, hf.hidden_size, hf.num_attention_heads, hf.vocab_size) == (
+        w.n_layer, w.n_embd, w.n_head, w.vocab_size)
+    assert getattr(hf, "num_key_value_heads", hf.num_attention_heads) == w.kv_heads
+    assert (getattr(hf, "intermediate_size", None) or getattr(hf, "n_inner", None) or 4 * hf.hidden_size) == w.ffn_width
+
+
+@pytest.mark.parametrize("config_name", MODEL_CONFIGS)
+def test_hf_names_the_model_and_data(config_name, tmp_path):
+    """run_clm.py's from-scratch path, CONFIG_MAPPING[model_type]() then update_from_string(config_overrides), rebuilds
+    the trained architecture: every config field equal, except the ones the file lists as not carried."""
+    from transformers import AutoConfig
+
+    from cotune.export.hf import ROPE_FIELDS
+
+    config = CONFIGS[config_name]
+    w = config.workload
+    out, path = _write(config, "hf", tmp_path)
+    model_args, data_args, _ = LOADERS["hf"](path, config)
+    model_type = "gpt2" if w.model == "gpt" else w.model.removeprefix("hf:")
+    assert model_args.model_type == model_type and model_args.model_name_or_path is None
+    rebuilt = AutoConfig.for_model(model_type)
+    rebuilt.update_from_string(model_args.config_overrides)
+    expected, got = _expected_hf_config(w).to_dict(), rebuilt.to_dict()
+    differ = {key for key in expected.keys() | got.keys() if expected.get(key) != got.get(key)}
+    listed = {item.split("=")[0].removeprefix("workload.config.") for item in out.unexpressed
+              if item.startswith("workload.config.")}
+    assert listed == HF_CONFIG_LOST[config_name]
+    assert differ <= listed | ({"rope_parameters"} if listed & set(ROPE_FIELDS) else set()), (differ, listed)
+    if config_name == "llama":  # LlamaConfig derives head_dim in __init__: the file must carry it
+        assert rebuilt.head_dim == 64 and AutoConfig.for_model("llama").head_dim == 128
+    if w.objective == "masked_lm":
+        assert (data_args.max_seq_length, data_args.mlm_probability) == (w.seq_len, 0.15)
+    else:
+        assert data_args.block_size == w.seq_len
+    local_tokenizer = w.tokenizer != "bytes" and not w.tokenizer.startswith("bpe:")
+    assert model_args.tokenizer_name == (w.tokenizer if local_tokenizer else None)
+    assert any(item.startswith("workload.tokenizer=") for item in out.unexpressed) == (not local_tokenizer)
+    text_file = w.data.endswith((".txt", ".json", ".csv"))
+    assert data_args.train_file == (w.data if text_file else None)
+    assert any(item.startswith("workload.data=") for item in out.unexpressed) == (not text_file)
+
+
+def test_hf_local_model_folders(tmp_path):
+    """A local config folder is config_name (fresh weights, as the trial builds it); one with weights, whose weights
+    the trial loaded, is model_name_or_path; config_overrides goes with neither, so cotune's fields are listed."""
+    folder = tmp_path / "tiny-llama"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    config = replace(CONFIGS["llama"], workload=replace(CONFIGS["llama"].workload, model=f"hf:{folder}"))
+    for weights in (False, True):
+        if weights:
+            (folder / "model.safetensors").write_bytes(b"")
+        out, path = _write(config, "hf", tmp_path)
+        model_args, _, _ = LOADERS["hf"](path, config)
+        assert (model_args.config_name, model_args.model_name_or_path) == (
+            (None, str(folder)) if weights else (str(folder), None))
+        assert model_args.config_overrides is None and model_args.model_type is None
+        assert any(item.startswith("workload.config={") for item in out.unexpressed)
+
+
+def test_builtin_gpt_is_gpt2s_network():
+    """The GPT-2 config the exports name for the built-in GPT computes the same logits with the same weights."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from cotune.trial.model import GPT, GPTConfig
+
+    w = CONFIGS["cpu"].workload
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig(vocab_size=w.vocab_size, seq_len=w.seq_len, n_layer=w.n_layer, n_head=w.n_head,
+                         n_embd=w.n_embd)).eval()
+    theirs = GPT2LMHeadModel(GPT2Config(**gpt2_twin(w))).eval()
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+    t = theirs.transformer
+    with torch.no_grad():  # GPT-2's Conv1D holds (in, out): our Linear weights transposed, q/k/v side by side
+        t.wte.weight.copy_(ours.wte.weight)
+        t.wpe.weight.copy_(ours.wpe.weight)
+        t.ln_f.load_state_dict(ours.ln_f.state_dict())
+        for mine, block in zip(ours.blocks, t.h):
+            block.ln_1.load_state_dict(mine.ln_1.state_dict())
+            block.ln_2.load_state_dict(mine.ln_2.state_dict())
+            a = mine.attn
+            block.attn.c_attn.weight.copy_(torch.cat([a.q.weight, a.k.weight, a.v.weight]).T)
+            block.attn.c_attn.bias.copy_(torch.cat([a.q.bias, a.k.bias, a.v.bias]))
+            for conv, linear in ((block.attn.c_proj, a.proj), (block.mlp.c_fc, mine.mlp.fc),
+                                 (block.mlp.c_proj, mine.mlp.proj)):
+                conv.weight.copy_(linear.weight.T)
+                conv.bias.copy_(linear.bias)
+        x = torch.randint(0, w.vocab_size, (2, w.seq_len))
+        assert torch.allclose(ours(x), theirs(input_ids=x).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", sorted(HF_DEFAULTS))
+def test_defaults_the_exporters_assume_are_transformers(model_type):
+    """architecture.HF_DEFAULTS and hf.NONE_BY_DEFAULT are the installed transformers' config class defaults."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    from cotune.export.hf import CHECKED_TYPES, NONE_BY_DEFAULT
+
+    default = AutoConfig.for_model(model_type)
+    for key, value in HF_DEFAULTS[model_type].items():
+        actual = default.rope_parameters["rope_theta"] if key == "rope_theta" else getattr(default, key)
+        assert actual == value, (key, actual, value)
+    base = {key for key, value in PretrainedConfig().to_dict().items() if value is None}
+    nones = {key for key, value in default.to_dict().items() if value is None and key not in base}
+    assert model_type in CHECKED_TYPES and NONE_BY_DEFAULT[model_type] == nones
+
+
+class _FromConfig:
+    """Stands in for AutoModelFor*: from_config hands back the config it would build from."""
+
+    @staticmethod
+    def from_config(config: Any) -> Any:
+        return config
+
+
+@pytest.mark.parametrize("fmt", ["deepspeed", "lightning", "accelerate"])
+@pytest.mark.parametrize("config_name", ["cpu", "llama", "bert"])
+def test_trainers_that_take_the_model_in_code_are_told_how_to_build_it(fmt, config_name):
+    """The line's code, run, gives the trained model's config, with the head of the trained objective."""
+    from transformers import AutoConfig, GPT2Config
+
+    config = CONFIGS[config_name]
+    (line,) = [item for item in export(config, fmt).unexpressed if item.startswith("workload.model=")]
+    code = line.split("`")[1]
+    masked = config.workload.objective == "masked_lm"
+    assert ("AutoModelForMaskedLM" in code) == masked
+    namespace = {"AutoConfig": AutoConfig, "AutoModelForCausalLM": _FromConfig, "AutoModelForMaskedLM": _FromConfig,
+                 "GPT2LMHeadModel": lambda c: c, "GPT2Config": GPT2Config}
+    built = eval(code, namespace)  # the exporter's own text, in a test
+    assert built.to_dict() == _expected_hf_config(config.workload).to_dict()
+
+
+def test_torchtitan_runs_a_llama_of_a_flavors_shape_as_that_flavor(tmp_path):
+    """Llama 3.1 8B is llama3's 8B flavor: --config llama3_8b builds the same network and nothing is listed about it;
+    a Llama-3.2-1B shape is flavor 1B, which no 0.3 config function builds, so the placeholder runs and it says so."""
+    parsed = _load("llama8b", "torchtitan", tmp_path)
+    w = CONFIGS["llama8b"].workload
+    model = parsed.model_spec.model
+    layer = model.layers[0]
+    assert parsed.model_spec.flavor == "8B" and parsed.hf_assets_path == w.tokenizer
+    assert (model.dim, len(model.layers), layer.attention.n_heads, layer.attention.n_kv_heads,
+            layer.feed_forward.w1.out_features, model.vocab_size) == (
+        w.n_embd, w.n_layer, w.n_head, w.kv_heads, w.ffn_width, w.vocab_size)
+    assert not any(item.startswith("workload.model=") for item in export(CONFIGS["llama8b"], "torchtitan").unexpressed)
+    toml = _load("llama8b", "torchtitan-toml", tmp_path)
+    assert (toml["model"]["flavor"], toml["model"]["hf_assets_path"]) == ("8B", w.tokenizer)
+
+    assert _load("llama", "torchtitan", tmp_path).model_spec.flavor == "debugmodel"
+    (line,) = [i for i in export(CONFIGS["llama"], "torchtitan").unexpressed if i.startswith("workload.model=")]
+    assert "flavor 1B" in line and "model_registry('1B')" in line
+    for difference in ("vocabulary 128256 (the trial's: 32768", "RoPE frequency scaling", "RMSNorm eps 1e-05"):
+        assert difference in line
+    (line,) = [i for i in export(CONFIGS["llama"], "torchtitan-toml").unexpressed if i.startswith("workload.model=")]
+    assert "torchtitan 0.2 does not have" in line
+    (line,) = [i for i in export(CONFIGS["gpt2"], "torchtitan").unexpressed if i.startswith("workload.model=")]
+    assert "is not a torchtitan model" in line
+
+
+_LEGACY_FLAVORS_READ = """
+import json, sys, torch
+from torchtitan.models.llama3 import Transformer, llama3_args
+out = {}
+for name in sys.argv[1:]:
+    a = llama3_args[name]
+    with torch.device("meta"):
+        layer = Transformer(a).layers["0"]
+    s = a.rope_scaling_args
+    out[name] = [a.dim, a.n_layers, a.n_heads, a.n_kv_heads or a.n_heads, layer.feed_forward.w1.out_features, False,
+                 a.vocab_size, a.rope_theta, a.norm_eps,
+                 [s.scaling_factor, s.low_freq_factor, s.high_freq_factor, s.original_max_position_embeddings]]
+print(json.dumps(out))
+"""
+
+
+def test_llama3_flavor_table_is_torchtitans():
+    """torchtitan.LLAMA3_FLAVORS against torchtitan 0.3's llama3_configs and 0.2's llama3_args; which flavors 0.3's
+    config_registry functions build; and the RoPE and norm settings every flavor shares."""
+    from torchtitan.models.llama3 import config_registry, llama3_configs
+
+    from cotune.export.torchtitan import CONFIG_FUNCTIONS, LEGACY_FLAVORS, LLAMA3_FLAVORS, LLAMA31_ROPE
+
+    assert set(llama3_configs) == set(LLAMA3_FLAVORS)
+    for name, flavor in LLAMA3_FLAVORS.items():
+        model = llama3_configs[name](attn_backend="flex")
+        layer = model.layers[0]
+        attention, rope = layer.attention, layer.attention.rope
+        assert (model.dim, len(model.layers), attention.n_heads, attention.n_kv_heads or attention.n_heads,
+                layer.feed_forward.w1.out_features, model.enable_weight_tying, model.vocab_size) == flavor, name
+        assert (rope.theta, rope.scaling, model.norm.eps) == (500000, "llama", 1e-5)
+        assert [rope.scaling_factor, rope.low_freq_factor, rope.high_freq_factor,
+                rope.original_max_position_embeddings] == list(LLAMA31_ROPE.values())
+    built: dict[str, list[str]] = {}
+    for name in dir(config_registry):
+        if name.startswith("llama3_") and callable(getattr(config_registry, name)):
+            try:
+                flavors = [getattr(config_registry, name)().model_spec.flavor]
+            except ImportError:  # float8 / nvfp4 configs need torchao: read the flavor off the function instead
+                flavors = re.findall(r'model_registry\(\s*"([^"]+)"', inspect.getsource(getattr(config_registry, name)))
+            for flavor in flavors:
+                built.setdefault(flavor, []).append(name)
+    assert set(built) == set(CONFIG_FUNCTIONS) and all(CONFIG_FUNCTIONS[f] in names for f, names in built.items())
+
+    if not (LEGACY_TORCHTITAN / "torchtitan").is_dir():
+        pytest.fail(f"torchtitan 0.2.2 is not in {LEGACY_TORCHTITAN}")
+    env = {**os.environ, "PYTHONPATH": str(LEGACY_TORCHTITAN)}
+    done = subprocess.run([sys.executable, "-c", _LEGACY_FLAVORS_READ, *LEGACY_FLAVORS], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    legacy = json.loads(done.stdout.strip().splitlines()[-1])
+    for name in LEGACY_FLAVORS:
+        assert tuple(legacy[name][:7]) == LLAMA3_FLAVORS[name], name
+        assert legacy[name][7:] == [500000, 1e-5, list(LLAMA31_ROPE.values())], name
+
+
+@pytest.mark.parametrize("config_name", MODEL_CONFIGS)
+def test_megatron_model_flags(config_name, tmp_path):
+    """Shape for every model; GPT-2's architecture (Megatron's defaults) for gpt and hf:gpt2, Llama's from its config;
+    a masked-LM model is pretrain_bert.py's, MLM only."""
+    config = CONFIGS[config_name]
+    w = config.workload
+    out, path = _write(config, "megatron", tmp_path)
+    args = LOADERS["megatron"](path, config)
+    assert (args.num_layers, args.hidden_size, args.num_attention_heads) == (w.n_layer, w.n_embd, w.n_head)
+    assert (args.num_query_groups if args.group_query_attention else args.num_attention_heads) == w.kv_heads
+    assert args.ffn_hidden_size == w.ffn_width  # always written: with --swiglu Megatron's default is ~8h/3
+    assert args.seq_length == w.seq_len and args.max_position_embeddings >= w.seq_len
+    llama = w.model == "hf:llama"
+    assert args.swiglu == llama and args.add_bias_linear == (not llama)
+    assert (args.normalization or "LayerNorm", args.position_embedding_type or "learned_absolute") == (
+        ("RMSNorm", "rope") if llama else ("LayerNorm", "learned_absolute"))
+    if llama:
+        assert args.rotary_base == 500000 and args.norm_epsilon == setting(w, "rms_norm_eps")
+        assert args.untie_embeddings_and_output_weights == (not setting(w, "tie_word_embeddings"))
+        assert (args.use_rope_scaling, args.rope_scaling_factor) == ((True, 8.0) if config_name == "llama8b"
+                                                                     else (False, None))
+    else:
+        assert not args.untie_embeddings_and_output_weights
+    masked = w.objective == "masked_lm"
+    assert ("pretrain_bert.py" in out.text) == masked and ("pretrain_gpt.py" in out.text) == (not masked)
+    if masked:
+        assert args.bert_binary_head is False and args.mask_prob == 0.15 and args.norm_epsilon == 1e-12
+        assert any(item.startswith("workload.model=hf:bert: pretrain_bert.py") for item in out.unexpressed)
+    local_tokenizer = w.tokenizer != "bytes" and not w.tokenizer.startswith("bpe:")
+    assert (args.tokenizer_type, args.tokenizer_model) == (
+        ("HuggingFaceTokenizer", w.tokenizer) if local_tokenizer else (None, None))
 
 
 @pytest.mark.parametrize("config_name", CONFIGS)
@@ -426,12 +871,19 @@ def test_lightning_values(config_name, tmp_path):
     assert trainer.gradient_clip_val == config.optimizer.grad_clip and trainer.gradient_clip_algorithm == "norm"
     assert trainer.max_steps == budget_steps(config)
     assert trainer.num_devices == par.world_size // par.pp
-    expected = {(1, 1): "SingleDeviceStrategy", (4, 1): "DDPStrategy", (2, 4): "FSDPStrategy"}.get(
-        (par.dp, par.fsdp), "ModelParallelStrategy")
+    if not _cuda(config) and (par.fsdp > 1 or par.tp > 1):
+        expected = "DDPStrategy"  # Lightning shards on GPUs only; the file says so
+    elif par.tp > 1:
+        expected = "ModelParallelStrategy"
+    elif par.fsdp > 1:
+        expected = "FSDPStrategy"
+    else:
+        expected = "DDPStrategy" if par.dp > 1 else "SingleDeviceStrategy"
     assert type(trainer.strategy).__name__ == expected
     if expected == "FSDPStrategy":
-        assert trainer.strategy.sharding_strategy.name == "HYBRID_SHARD"
-        assert tuple(trainer.strategy.kwargs["device_mesh"]) == (par.dp, par.fsdp)
+        assert trainer.strategy.sharding_strategy.name == ("HYBRID_SHARD" if par.dp > 1 else "FULL_SHARD")
+        if par.dp > 1:
+            assert tuple(trainer.strategy.kwargs["device_mesh"]) == (par.dp, par.fsdp)
     if expected == "ModelParallelStrategy":
         assert (trainer.strategy._data_parallel_size, trainer.strategy._tensor_parallel_size) == (
             par.data_parallel, par.tp)
@@ -454,9 +906,11 @@ def test_torchtitan_values(config_name, tmp_path):
             p.pipeline_parallel_degree, p.enable_sequence_parallel) == (par.dp, par.fsdp, par.tp, par.pp,
                                                                         par.sequence_parallel)
     if par.pp > 1:
-        assert p.pipeline_parallel_schedule == "Interleaved1F1B"
+        schedule = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved1f1b": "Interleaved1F1B"}[par.pp_schedule]
+        assert p.pipeline_parallel_schedule == schedule
         assert p.pipeline_parallel_microbatch_size * par.pp_microbatches == config.batch.micro_batch_size
-        assert p.pipeline_parallel_layers_per_stage * par.pp * par.pp_virtual_stages == config.workload.n_layer
+        if par.pp_virtual_stages > 1:
+            assert p.pipeline_parallel_layers_per_stage * par.pp * par.pp_virtual_stages == config.workload.n_layer
     s = parsed.lr_scheduler
     assert (s.warmup_steps, s.decay_ratio, s.decay_type, s.min_lr_factor) == (warmup_steps(config), None, "cosine", 0.1)
     (group,) = parsed.optimizer.param_groups
@@ -484,13 +938,20 @@ def test_torchtitan_toml_values(config_name, tmp_path):
 def test_accelerate_values(config_name, tmp_path):
     config, (loaded, args) = CONFIGS[config_name], _load(config_name, "accelerate", tmp_path)
     par = config.parallel
-    expected = {"cpu": "NO", "ddp": "MULTI_GPU", "hsdp": "FSDP", "3d": "FSDP"}[config_name]
+    if par.fsdp > 1 or par.tp > 1:
+        expected = "FSDP"  # accelerate takes tensor parallelism only through FSDP2's plugin
+    elif par.world_size // par.pp > 1:
+        expected = "MULTI_GPU" if _cuda(config) else "MULTI_CPU"
+    else:
+        expected = "NO"
+    assert {"cpu": "NO", "ddp": "MULTI_GPU", "hsdp": "FSDP", "3d": "FSDP"}.get(config_name, expected) == expected
     assert loaded.distributed_type.value == expected
     assert loaded.mixed_precision == {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[config.precision.precision]
     assert args.num_processes == par.world_size // par.pp
     if expected == "FSDP":
         assert args.use_fsdp and str(args.fsdp_version) == "2"
-        assert args.use_parallelism_config
+        assert args.use_parallelism_config == (par.dp > 1 or par.tp > 1)
+    if args.use_parallelism_config:
         assert (int(args.parallelism_config_dp_replicate_size), int(args.parallelism_config_dp_shard_size),
                 int(args.parallelism_config_tp_size)) == (par.dp, par.fsdp, par.tp)
     assert args.dynamo_backend == ("INDUCTOR" if config.software.compile else "no")

@@ -17,7 +17,7 @@ from cotune.export.base import EXPORTERS, Exported, ExportFn, export, get_export
 
 __all__ = ["EXPORTERS", "ExportFn", "Exported", "export", "get_exporter", "register"]
 
-_HELPERS = {"base", "pick"}  # modules here that register no format
+_HELPERS = {"architecture", "base", "pick"}  # modules here that register no format
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in _HELPERS and not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")

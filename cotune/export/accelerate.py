@@ -11,6 +11,7 @@ from __future__ import annotations
 import yaml
 
 from cotune.config import TrialConfig
+from cotune.export.architecture import in_code
 from cotune.export.base import (
     Exported,
     budget_steps,
@@ -25,7 +26,7 @@ from cotune.export.base import (
 _MIXED = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # accelerate's fp16 uses a dynamic GradScaler
 
 
-def _in_code(config: TrialConfig) -> list[str]:
+def _loop_knobs(config: TrialConfig) -> list[str]:
     """Training-loop knobs an accelerate config has no place for."""
     b, opt = config.batch, config.optimizer
     steps, warmup = budget_steps(config), warmup_steps(config)
@@ -70,7 +71,7 @@ def export_accelerate(config: TrialConfig) -> Exported:
         "same_network": True,
         "debug": False,
     }
-    lost = _in_code(config) + kernel_notes(config)
+    lost = [in_code(config, "accelerate", "and pass it to accelerator.prepare")] + _loop_knobs(config) + kernel_notes(config)
     if sharded:
         doc["fsdp_config"] = {
             "fsdp_version": 2,

@@ -81,6 +81,7 @@ def warmup_steps(config: TrialConfig) -> int:
 
 MIN_LR_RATIO = 0.1  # the trial's cosine decays to 10% of the peak learning rate
 ADAM_EPS = 1e-8  # torch.optim.AdamW's default, which the trial uses
+MASK_RATE = 0.15  # masked_lm: the share of tokens the trial predicts (BERT's 80/10/10 replacement, cotune.trial.batches)
 
 
 def knob(path: str, value: object, why: str) -> str:

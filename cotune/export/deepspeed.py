@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 from cotune.config import TrialConfig
+from cotune.export.architecture import in_code
 from cotune.export.base import (
     ADAM_EPS,
     MIN_LR_RATIO,
@@ -65,6 +66,7 @@ def export_deepspeed(config: TrialConfig) -> Exported:
         ds["tensor_parallel"] = {"autotp_size": par.tp}  # DeepSpeed AutoTP training
 
     lost = launcher_note(config, f"deepspeed --num_gpus {par.world_size}") + kernel_notes(config)
+    lost.append(in_code(config, "DeepSpeed", "and pass it to deepspeed.initialize(model=...)"))
     lost.append(knob("optimizer.weight_decay", opt.weight_decay,
                      "the trial exempts biases and norm weights (tensors under 2-D); DeepSpeed decays every "
                      "parameter group deepspeed.initialize gets, so pass those with weight_decay 0.0"))

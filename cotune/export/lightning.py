@@ -12,6 +12,7 @@ from __future__ import annotations
 import yaml
 
 from cotune.config import TrialConfig
+from cotune.export.architecture import in_code
 from cotune.export.base import (
     ADAM_EPS,
     MIN_LR_RATIO,
@@ -30,6 +31,8 @@ _PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}  # 16
 
 def _strategy(config: TrialConfig) -> str | dict:
     par = config.parallel
+    if config.run.device == "cpu" and (par.fsdp > 1 or par.tp > 1):
+        return "ddp"  # FSDPStrategy and ModelParallelStrategy refuse a CPU accelerator (listed in export_lightning)
     if par.tp > 1:
         # FSDP2 + tensor parallel on a 2-D mesh; the model applies both in configure_model.
         return {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
@@ -47,7 +50,7 @@ def export_lightning(config: TrialConfig) -> Exported:
     """Trainer arguments and LightningCLI's optimizer block; the rest as comments."""
     b, par, opt, sw = config.batch, config.parallel, config.optimizer, config.software
     steps, warmup = budget_steps(config), warmup_steps(config)
-    lost = kernel_notes(config)
+    lost = kernel_notes(config) + [in_code(config, "Lightning", "in your LightningModule's configure_model")]
     precision = _PRECISION[config.precision.precision]
     if par.tp > 1 and precision == "16-mixed":
         # ModelParallelStrategy refuses 16-mixed (fp16 with a loss scaler); 16-true would drop the scaler.
@@ -85,14 +88,20 @@ def export_lightning(config: TrialConfig) -> Exported:
              "the trial exempts biases and norm weights (tensors under 2-D); LightningCLI's optimizer decays "
              "every parameter, so build two param groups in configure_optimizers"),
     ]
+    sharded_on_cpu = config.run.device == "cpu" and (par.fsdp > 1 or par.tp > 1)
+    for name, value in (("parallel.fsdp", par.fsdp), ("parallel.tp", par.tp)):
+        if sharded_on_cpu and value > 1:
+            lost.append(knob(name, value, "Lightning shards (FSDPStrategy, ModelParallelStrategy) on GPUs only; on "
+                             f"CPU this file replicates the model with DDP on {par.world_size // par.pp} processes"))
     if sw.activation_checkpointing:
-        how = ("pass activation_checkpointing_policy={YourBlock} to FSDPStrategy" if par.fsdp > 1 and par.tp == 1
+        how = ("pass activation_checkpointing_policy={YourBlock} to FSDPStrategy"
+               if par.fsdp > 1 and par.tp == 1 and not sharded_on_cpu
                else "wrap each block with torch.utils.checkpoint in the model")
         lost.append(knob("software.activation_checkpointing", True, f"the Trainer has no switch for it; {how}"))
     if sw.compile:
         lost.append(knob("software.compile", True, "the Trainer has no switch for it; torch.compile the model "
                          "in configure_model"))
-    if par.tp > 1:
+    if par.tp > 1 and not sharded_on_cpu:
         lost.append(knob("parallel.tp", par.tp, "ModelParallelStrategy gives the 2-D device mesh; the tensor-"
                          "parallel plan is applied in configure_model"))
         if par.dp > 1 and par.fsdp > 1:
