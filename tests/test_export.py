@@ -105,7 +105,7 @@ HF_FIELDS = {
              "attn_pdrop": 0.0, "summary_first_dropout": 0.0, "bos_token_id": 50256, "eos_token_id": 50256,
              "pad_token_id": None},
     "bert": {**BERT_SPACE, "vocab_size": 8192, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
-             "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 2},
+             "pad_token_id": 2},
 }
 CONFIGS.update({
     # Llama-3.2-1B-style on 8 GPUs: FSDP x TP x PP, with the BPE cotune trains and its built-in corpus.
@@ -573,7 +573,7 @@ def test_hf_values(config_name, tmp_path):
 MODEL_CONFIGS = ["cpu", "llama", "llama8b", "gpt2", "bert"]  # the built-in GPT and each Hugging Face workload
 # workload.config fields the hf file cannot carry in config_overrides, per config (the rest it must carry exactly).
 HF_CONFIG_LOST = {"cpu": set(), "llama": {"rope_parameters", "pad_token_id"}, "llama8b": {"rope_parameters"},
-                  "gpt2": set(), "bert": {"bos_token_id", "eos_token_id"}}
+                  "gpt2": set(), "bert": set()}
 
 
 def _expected_hf_config(w: WorkloadConfig) -> Any:

@@ -128,8 +128,9 @@ def resolve_config(
     The space's ``fields`` first (each must be a field of the architecture's config), then:
     ``vocab_size`` = the tokenizer's (a checkpoint keeps its own, which must cover the data),
     positions >= ``seq_len``, every dropout 0.0 (short tuning runs compare configs by their
-    loss; dropout would make equal configs differ), bos/eos = the end-of-text token, pad =
-    the tokenizer's pad token (None: no embedding row is frozen as padding).
+    loss; dropout would make equal configs differ), bos/eos = the end-of-text token where the
+    architecture has them, pad = the tokenizer's pad token (None: no embedding row is frozen
+    as padding).
     """
     source = model_source(model)
     base = _base_config(source)
@@ -189,9 +190,11 @@ def resolve_config(
     for key, default in defaults.items():
         if ("dropout" in key or "pdrop" in key) and isinstance(default, float) and default > 0 and not given(key):
             out[key] = 0.0
-    for key, token in (("bos_token_id", eot_id), ("eos_token_id", eot_id), ("pad_token_id", pad_id)):
-        if key in defaults and not given(key):
+    for key, token in (("bos_token_id", eot_id), ("eos_token_id", eot_id)):
+        if isinstance(defaults.get(key), int) and not given(key):  # only where the architecture has one
             out[key] = token
+    if "pad_token_id" in defaults and not given("pad_token_id"):
+        out["pad_token_id"] = pad_id
     try:
         hf_config(source, out)
     except Exception as e:  # what cotune set conflicts with the space's fields (the architecture's own check)
