@@ -20,6 +20,34 @@ BAD_SPACES = {
 }
 
 
+LLAMA_SPACE = ROOT / "search_spaces" / "cpu-llama-tiny.yaml"
+# Bad input about the user's own model and data, found when the search builds the model or reads the data.
+BAD_WORKLOADS = {
+    "unknown-model-type.yaml": (LLAMA_SPACE.read_text().replace("model: hf:llama", "model: hf:lama"),
+                                "'hf:lama' is not a transformers model type (did you mean llama"),
+    "unknown-field.yaml": (LLAMA_SPACE.read_text().replace("intermediate_size:", "intermediat_size:"),
+                           "workload.config.intermediat_size: llama's config has no field 'intermediat_size'"),
+    "heads.yaml": (LLAMA_SPACE.read_text().replace("num_attention_heads: 4", "num_attention_heads: 6"),
+                   "num_attention_heads must divide hidden_size, but got hidden_size=64, num_attention_heads=6"),
+    "no-tokenizer-folder.yaml": (LLAMA_SPACE.read_text().replace("tokenizer: bpe:2048", "tokenizer: ./no-such-tok"),
+                                 "no-such-tok"),
+    "jsonl-without-field.yaml": (LLAMA_SPACE.read_text().replace("data: builtin:stdlib-docstrings",
+                                                                  "data: docs.jsonl\n  data_field: body"), "'body'"),
+    "empty-data.yaml": (LLAMA_SPACE.read_text().replace("data: builtin:stdlib-docstrings", "data: empty.txt"),
+                        "empty.txt"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_WORKLOADS))
+def test_bad_model_or_data_is_one_sentence_and_writes_no_study(tmp_path, name):
+    text, expected = BAD_WORKLOADS[name]
+    (tmp_path / name).write_text(text)
+    (tmp_path / "docs.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
+    (tmp_path / "empty.txt").write_text("\n\n  \n")
+    assert_user_error(run_cli("search", "--space", name, cwd=tmp_path), expected)
+    assert not (tmp_path / "cotune.db").exists()
+
+
 def assert_user_error(result, *fragments: str) -> None:
     assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
     assert "Traceback" not in result.stderr + result.stdout

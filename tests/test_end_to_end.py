@@ -57,3 +57,30 @@ def test_search_budget_4_then_resume_trials_best_and_trial(tmp_path):
     assert by_hand.returncode == 0, by_hand.stdout + by_hand.stderr
     assert "tokens_per_second" in by_hand.stdout and "val_loss" in by_hand.stdout
     assert TrialConfig.load(tmp_path / "by-hand" / "config.json") == TrialConfig.from_dict(ok[0].user_attrs["config"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("space", ["cpu-llama-tiny", "cpu-bert-mlm"])
+def test_hugging_face_spaces_search_report_and_export(tmp_path, space):
+    """A transformers Llama (next token) and BERT (masked LM) with a trained BPE, searched, reported, exported."""
+    from tests.conftest import ROOT
+
+    path = ROOT / "search_spaces" / f"{space}.yaml"
+    result = run_cli("search", "--space", str(path), "--budget", "3", "--seed", "2", "--sampler", "random",
+                     "--report", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    study = optuna.load_study(study_name=space, storage=f"sqlite:///{tmp_path / 'cotune.db'}")
+    ok = [t for t in study.trials if t.user_attrs["status"] == "ok"]
+    assert len(ok) >= 2, [(t.user_attrs["status"], t.user_attrs["reason"]) for t in study.trials]
+    model = "hf:llama" if space == "cpu-llama-tiny" else "hf:bert"
+    assert study.user_attrs["workload"]["model"] == model
+    for t in ok:
+        workload = t.user_attrs["config"]["workload"]
+        assert workload["model"] == model and workload["vocab_size"] == 2048 and workload["tokenizer"] == "bpe:2048"
+        assert workload["objective"] == ("causal_lm" if model == "hf:llama" else "masked_lm")
+        assert 0 < t.user_attrs["metrics"]["val_loss"] < 7.7  # below ln(2048): it learned
+    assert (tmp_path / "reports" / f"{space}.html").stat().st_size > 100_000
+    for fmt in ("json", "hf", "lightning", "deepspeed", "torchtitan", "torchtitan-toml", "accelerate", "megatron"):
+        exported = run_cli("export", "--format", fmt, cwd=tmp_path)
+        assert exported.returncode == 0, fmt + exported.stderr
+        assert exported.stdout.strip(), fmt

@@ -265,3 +265,19 @@ def test_a_field_the_config_folds_into_another_is_accepted():
     from transformers import AutoConfig
 
     assert AutoConfig.for_model("llama", **fields).rope_parameters["rope_theta"] == 500000.0
+
+
+def test_a_local_checkpoint_is_loaded_with_its_weights(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    saved = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **TINY["hf:llama"], vocab_size=VOCAB))
+    saved.save_pretrained(tmp_path / "ckpt")
+    model = f"hf:{tmp_path / 'ckpt'}"
+    fields, objective = resolve_config(model, {}, seq_len=SEQ, vocab_size=VOCAB, eot_id=0, pad_id=None)
+    assert "vocab_size" not in fields  # a checkpoint keeps its own vocabulary
+    torch.manual_seed(2)  # a different seed: only loading the weights can make them equal
+    w = build_hf(WorkloadConfig(model=model, config=fields, objective=objective, seq_len=SEQ, vocab_size=VOCAB))
+    torch.testing.assert_close(w.model.model.model.embed_tokens.weight, saved.model.embed_tokens.weight)
+    with pytest.raises(UserError, match="the checkpoint's vocab_size >= the tokenizer's vocabulary must hold"):
+        resolve_config(model, {}, seq_len=SEQ, vocab_size=VOCAB + 1, eot_id=0, pad_id=None)

@@ -344,7 +344,7 @@ def triton_config(**kernels_override):
     space = load_space(TRITON_SPACE)
     knobs = {name: domain.values()[0] for name, domain in space.knobs.items()}
     knobs.update(learning_rate=3e-3, cross_entropy_kernel="triton", **kernels_override)
-    config, reason = derive.build_config(space, knobs, world_size=1, vocab_size=256)
+    config, reason = derive.build_config(space, knobs, world_size=1, vocab_size=258)
     assert reason == ""
     return config
 
