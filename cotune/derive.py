@@ -189,7 +189,8 @@ def _workload_rule(config: TrialConfig, workload: WorkloadInfo) -> str:
     par, sw, model = config.parallel, config.software, config.workload.model
     for used, knob, value in ((par.tp > 1, "tp", par.tp), (par.pp > 1, "pp", par.pp),
                               (sw.activation_checkpointing, "activation_checkpointing", True),
-                              (par.sequence_parallel, "sequence_parallel", True)):
+                              (par.sequence_parallel, "sequence_parallel", True),
+                              (par.sequence_parallel and par.pp > 1, "sequence_parallel_with_pp", True)):
         if used and workload.reason(knob):
             return f"{knob}={value} cannot run on {model}: {workload.reason(knob)}"
     for kernel in config.kernels.selected():

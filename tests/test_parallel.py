@@ -121,7 +121,9 @@ HF_MODELS = {
 }
 HF_LAYOUTS = [
     ("hf:llama", "dp2"), ("hf:llama", "fsdp2"), ("hf:llama", "tp2"), ("hf:llama", "pp2-1f1b"), ("hf:llama", "fsdp2xtp2"),
+    ("hf:llama", "tp2-sequence-parallel"),  # RMSNorms on T / tp, attention gathering its keyword input
     ("hf:gpt2", "tp2"), ("hf:gpt2", "pp2-1f1b"),  # GPT-2's fused q/k/v split per head; tied wte / lm_head
+    ("hf:gpt2", "pp2xtp2-sequence-parallel"),  # sequence-sharded activations crossing GPT-2's stages
     ("hf:bert", "tp2"), ("hf:bert", "pp2-1f1b"),  # masked LM: a pipeline chunk's loss is weighted by its masks
 ]
 

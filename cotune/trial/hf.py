@@ -29,7 +29,7 @@ from torch import nn
 
 from cotune.config import WorkloadConfig
 from cotune.errors import UserError
-from cotune.trial.workloads import Workload
+from cotune.trial.workloads import SequencePlan, Workload
 
 # Families whose pipeline stage module below is checked against the model's own forward.
 DECODER_FAMILIES = ("llama", "mistral", "qwen2")  # embed_tokens, rotary_emb, layers, norm; lm_head
@@ -279,11 +279,29 @@ def workload_of(model: nn.Module, objective: str) -> Workload:
     else:
         extra["pp_reason"] = (f"pipeline stages of hf:{family} are not run yet: cotune cuts stages for "
                               f"{', '.join(STAGED_FAMILIES)}, whose forward it mirrors and tests")
+    sequence_plan = _sequence_plan(model, family)
+    if sequence_plan is None:
+        extra["sp_reason"] = (f"sequence parallel of hf:{family} is not run yet: cotune knows where the norms, "
+                              f"attention and MLP of {', '.join((*DECODER_FAMILIES, 'gpt2'))} layers are")
     return Workload(
         model=wrapped, layers=f"model.{layers}" if layers else None, tp_plan=plan, objective=objective,
-        stage=stage, stage_layers="layers", tied=tied, tp_prepare=prepare,
+        stage=stage, stage_layers="layers", tied=tied, tp_prepare=prepare, sequence_plan=sequence_plan,
         kernels=("cross_entropy",) if objective == "causal_lm" else (), n_params=_flops_params(model), extra=extra,
     )
+
+
+def _sequence_plan(model: nn.Module, family: str) -> SequencePlan | None:
+    """Where a pre-norm family's layer is cut along the sequence (paths under the HFLogits wrapper)."""
+    if family in DECODER_FAMILIES:
+        # The attention gets its hidden states as a keyword; the rotary embedding is computed on the whole
+        # sequence before the first layer, so a stage that starts mid-model would compute it on T / tp:
+        # sequence parallel across pipeline stages is not run for these.
+        return SequencePlan(norms=("input_layernorm", "post_attention_layernorm"), attention="self_attn",
+                            attention_kwarg="hidden_states", mlp="mlp", final_norm="model.model.norm")
+    if family == "gpt2":  # positions are added on the first stage only, so stages shard along T too
+        return SequencePlan(norms=("ln_1", "ln_2"), attention="attn", mlp="mlp", final_norm="model.transformer.ln_f",
+                            stage_final_norm="ln_f")
+    return None  # BERT's LayerNorms follow the residual addition inside its output modules
 
 
 def _find_layers(model: nn.Module) -> str | None:

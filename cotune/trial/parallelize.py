@@ -114,7 +114,7 @@ def _stage(workload: Workload, stage: int, num_stages: int) -> nn.Module:
 
 def _apply_tp(m: nn.Module, layers: nn.ModuleList | None, workload: Workload, d: Dist, sequence_parallel: bool,
               *, first: bool, last: bool) -> None:
-    """The workload's plan over every layer on the tp mesh (or the built-in GPT's sequence-parallel plan).
+    """The workload's plan over every layer on the tp mesh, and its sequence-parallel plan if asked for.
 
     ``first`` / ``last`` say whether this module holds the embeddings / the output head
     (the whole model, or a pipeline stage at either end).
@@ -133,42 +133,47 @@ def _apply_tp(m: nn.Module, layers: nn.ModuleList | None, workload: Workload, d:
                          f"tp_plan={workload.tp_plan!r}")
     mesh = d.mesh["tp"]
     tp = mesh.size()
-    if not sequence_parallel:
-        styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
-        for layer in layers:
-            if workload.tp_prepare is not None:
-                workload.tp_prepare(layer, tp)
-            for key in workload.tp_plan:
-                layer.get_submodule(key)  # AttributeError names a key that matches nothing: never silently
-            parallelize_module(layer, mesh, {key: styles[style]() for key, style in workload.tp_plan.items()})
-            for key in workload.tp_plan:
-                weight = layer.get_submodule(key).weight
-                if not isinstance(weight, DTensor) or weight.placements[0] == Replicate():
-                    raise ValueError(f"tensor-parallel plan key {key!r} was not sharded over tp={tp} "
-                                     f"(its weight is {type(weight).__name__})")
+    sp = workload.sequence_plan if sequence_parallel else None
+    if sequence_parallel and sp is None:
+        raise ValueError(f"sequence_parallel needs Workload.sequence_plan, which {type(m).__name__}'s workload has not")
+    # With sequence parallel the row-wise output projections reduce-scatter to (B, T / tp, C) instead of
+    # all-reducing to (B, T, C); the residual additions mix them with plain tensors, so they hand on local ones.
+    styles = {"colwise": ColwiseParallel, "rowwise": (lambda: RowwiseParallel(output_layouts=Shard(1))) if sp
+              else RowwiseParallel}
+    for layer in layers:
+        if workload.tp_prepare is not None:
+            workload.tp_prepare(layer, tp)
+        for key in workload.tp_plan:
+            layer.get_submodule(key)  # AttributeError names a key that matches nothing: never silently
+        plan = {key: styles[style]() for key, style in workload.tp_plan.items()}
+        if sp is not None:
+            # Each sub-layer gathers its input to (B, T, C) once (not once per q, k, v projection).
+            kwarg = sp.attention_kwarg
+            gather_attn = PrepareModuleInput(
+                input_kwarg_layouts={kwarg: Shard(1)}, desired_input_kwarg_layouts={kwarg: Replicate()}
+            ) if kwarg else PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+            plan.update({norm: SequenceParallel() for norm in sp.norms})
+            plan[sp.attention] = gather_attn
+            plan[sp.mlp] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+        parallelize_module(layer, mesh, plan)
+        for key in workload.tp_plan:
+            weight = layer.get_submodule(key).weight
+            if not isinstance(weight, DTensor) or weight.placements[0] == Replicate():
+                raise ValueError(f"tensor-parallel plan key {key!r} was not sharded over tp={tp} "
+                                 f"(its weight is {type(weight).__name__})")
+    if sp is None:
         return
-    if not workload.sequence_parallel:
-        raise ValueError(f"sequence_parallel needs a sequence-parallel plan, which {type(m).__name__} has not")
-    # Residual stream (B, T / tp, C) per rank between sub-layers. Each sub-layer gathers its
-    # input to (B, T, C) once (not once per q, k, v), and its row-wise output projection
-    # reduce-scatters back to (B, T / tp, C).
-    gather = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
-    # The residual additions mix these with plain tensors, so the ends hand on local tensors.
     local = {"use_local_output": True}
-    plan = {
-        "ln_1": SequenceParallel(), "attn": gather, "attn.q": ColwiseParallel(), "attn.k": ColwiseParallel(),
-        "attn.v": ColwiseParallel(), "attn.proj": RowwiseParallel(output_layouts=Shard(1)),
-        "ln_2": SequenceParallel(), "mlp": gather, "mlp.fc": ColwiseParallel(),
-        "mlp.proj": RowwiseParallel(output_layouts=Shard(1)),
-    }
-    for block in layers:
-        parallelize_module(block, mesh, plan)
-    if first:  # the embeddings' (B, T, C) sum, the same on every tp rank, is cut to this rank's T / tp
+    if first:  # the embeddings' (B, T, C), the same on every tp rank, is cut to this rank's T / tp
         cut = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),), **local)
         parallelize_module(layers[0], mesh, cut)
-    if last:  # ln_f and lm_head see the whole sequence (lm_head is tied to wte: not split)
+    if last:  # the final norm and the head see the whole sequence again
+        final = sp.final_norm if m is workload.model else sp.stage_final_norm
+        if final is None:
+            raise ValueError(f"sequence_parallel with pp > 1 needs SequencePlan.stage_final_norm, which "
+                             f"{type(workload.model).__name__}'s plan has not")
         whole = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), **local)
-        parallelize_module(m.ln_f, mesh, whole)
+        parallelize_module(m.get_submodule(final), mesh, whole)
 
 
 def _apply_data_parallel(m: nn.Module, layers: nn.ModuleList | None, config: TrialConfig, d: Dist) -> nn.Module:

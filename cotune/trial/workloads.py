@@ -32,6 +32,24 @@ from cotune.trial.model import GPT, GPTConfig
 TP_STYLES = ("colwise", "rowwise")  # torch's ColwiseParallel / RowwiseParallel on an nn.Linear
 
 
+@dataclass(frozen=True)
+class SequencePlan:
+    """Where sequence parallelism (Korthikanti et al. 2022) shards a pre-norm layer along T.
+
+    The norms run on T / tp positions; the attention and the MLP gather their input to the
+    whole sequence once, and their row-wise output projections (the plan's ``rowwise``
+    entries) reduce-scatter back to T / tp. The first layer cuts its input; the final norm
+    gathers it again.
+    """
+
+    norms: tuple[str, ...]  # per layer, e.g. ("input_layernorm", "post_attention_layernorm")
+    attention: str  # per layer: the attention module
+    mlp: str  # per layer: the MLP module
+    final_norm: str  # path in the model of the norm before the output head
+    attention_kwarg: str | None = None  # the keyword its hidden states arrive under (None: first positional)
+    stage_final_norm: str | None = None  # the same norm in a pipeline stage (None: not run with pp > 1)
+
+
 @dataclass
 class Workload:
     """A model and how to parallelise it. Only ``model`` is required.
@@ -63,7 +81,7 @@ class Workload:
     stage_layers: str | None = None  # where a stage holds its layers (default: ``layers``)
     tied: tuple[str, str] | None = None
     tp_prepare: Callable[[nn.Module, int], None] | None = None
-    sequence_parallel: bool = False  # only the built-in GPT has a sequence-parallel plan
+    sequence_plan: SequencePlan | None = None  # without it, sequence_parallel does not run
     kernels: tuple[str, ...] = ()  # Triton kernels that fit this model (cotune.trial.kernels)
     n_params: int | None = None  # parameters counted for FLOPs (default: all, tied matrices once)
     extra: dict[str, Any] = field(default_factory=dict)  # facts for the description (family, class names)
@@ -84,8 +102,9 @@ class Workload:
 
 def unsupported(w: Workload) -> dict[str, str]:
     """Why each layout knob cannot run on this workload ('' where it can), checked before launch."""
-    name = type(w.model).__name__
-    out = {"activation_checkpointing": "", "tp": "", "pp": "", "sequence_parallel": ""}
+    name = w.extra.get("architecture") or type(w.model).__name__
+    out = {"activation_checkpointing": "", "tp": "", "pp": "", "sequence_parallel": "",
+           "sequence_parallel_with_pp": ""}
     if w.layers is None:
         out["activation_checkpointing"] = f"{name} names no layer list to checkpoint (Workload.layers)"
     if not w.tp_plan:
@@ -96,8 +115,10 @@ def unsupported(w: Workload) -> dict[str, str]:
         out["pp"] = w.extra.get("pp_reason") or f"{name} has no pipeline stage cutter (Workload.stage)"
     elif w.layers is None:
         out["pp"] = f"{name} names no layer list to cut into stages (Workload.layers)"
-    if not w.sequence_parallel:
-        out["sequence_parallel"] = "sequence parallel runs only on the built-in gpt (its plan names its LayerNorms)"
+    if w.sequence_plan is None:
+        out["sequence_parallel"] = w.extra.get("sp_reason") or f"{name} has no sequence-parallel plan (Workload.sequence_plan)"
+    elif w.sequence_plan.stage_final_norm is None:
+        out["sequence_parallel_with_pp"] = f"sequence parallel across pipeline stages of {name} is not run yet"
     return out
 
 
@@ -129,6 +150,8 @@ def tp_plan_problem(w: Workload) -> str:
 
 # ---------------------------------------------------------------------------- the built-in GPT
 
+GPT_SEQUENCE_PLAN = SequencePlan(norms=("ln_1", "ln_2"), attention="attn", mlp="mlp", final_norm="ln_f",
+                                 stage_final_norm="ln_f")
 GPT_TP_PLAN = {"attn.q": "colwise", "attn.k": "colwise", "attn.v": "colwise", "attn.proj": "rowwise",
                "mlp.fc": "colwise", "mlp.proj": "rowwise"}
 
@@ -138,7 +161,7 @@ def build_gpt(cfg: WorkloadConfig) -> Workload:
     model = GPT(GPTConfig(vocab_size=cfg.vocab_size, seq_len=cfg.seq_len, n_layer=cfg.n_layer, n_head=cfg.n_head,
                           n_embd=cfg.n_embd))
     return Workload(model=model, layers="blocks", tp_plan=dict(GPT_TP_PLAN), stage=gpt_stage,
-                    tied=("wte.weight", "lm_head.weight"), sequence_parallel=True,
+                    tied=("wte.weight", "lm_head.weight"), sequence_plan=GPT_SEQUENCE_PLAN,
                     kernels=("mlp", "cross_entropy", "layernorm"), n_params=model.n_params())
 
 
