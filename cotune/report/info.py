@@ -299,7 +299,8 @@ def _run(study: optuna.Study, frame: pd.DataFrame, space: dict[str, Any]) -> dic
         "counted": int(frame["status"].isin(STATUSES).sum()),
         "wall_s": wall,
         "trial_seconds": float(frame["duration_s"].sum(skipna=True)),
-        "workload": space.get("workload") or (configs[0]["workload"] if configs else {}),
+        # A trial's workload holds the shape read off the model (a Hugging Face model's space gives only its config).
+        "workload": (configs[0]["workload"] if configs else None) or space.get("workload") or {},
         "trial": space.get("trial") or {},
         "constraints": space.get("constraints") or [],
         "log_knobs": [n for n, d in (space.get("knobs") or {}).items() if d.get("log")],

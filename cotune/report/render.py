@@ -274,9 +274,7 @@ def _where(info: ReportInfo) -> str:
         ("Python", "python"), ("OS", "os"))]
     run = info.run
     workload = run.get("workload") or {}
-    shape = (f"{workload.get('model', '?')}: {workload.get('n_layer')} layers, {workload.get('n_embd')} wide, "
-             f"{workload.get('n_head')} heads, T={workload.get('seq_len')}, vocab {workload.get('vocab_size')}, "
-             f"data {workload.get('data')}") if workload else "–"
+    shape = _workload_line(workload)
     trial = run.get("trial") or {}
     settings = ", ".join(f"{k.replace('_', ' ')} {fmt(v)}" for k, v in trial.items()) or "–"
     search = [
@@ -296,6 +294,17 @@ def _where(info: ReportInfo) -> str:
             f"{key_values([(k, e(v)) for k, v in hardware])}<h3>Software</h3>{key_values([(k, e(v)) for k, v in software])}"
             f"</div><div><h3>Search</h3>{key_values([(k, e(v)) for k, v in search])}</div></div>")
     return section("where", "Where it ran", body)
+
+
+def _workload_line(w: dict) -> str:
+    """The model, its shape, objective, tokenizer and data in one line."""
+    if not w:
+        return "–"
+    heads = f"{w.get('n_head')} heads" + (f" ({w['n_kv_head']} key/value)" if w.get("n_kv_head") else "")
+    objective = "masked LM" if w.get("objective") == "masked_lm" else "next token"
+    return (f"{w.get('model', '?')}: {w.get('n_layer')} layers, {w.get('n_embd')} wide, {heads}, "
+            f"T={w.get('seq_len')}, {objective}, vocab {w.get('vocab_size')} ({w.get('tokenizer', 'bytes')}), "
+            f"data {w.get('data')}")
 
 
 def _depth(info: ReportInfo, figs: dict) -> str:
