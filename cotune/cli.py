@@ -137,7 +137,7 @@ def search(
         space=search_space, space_path=str(space_path), objectives=objective_names, budget=budget,
         fingerprint=fingerprint, vocab_size=vocab, runs_dir=runs_dir / name, sampler=sampler.value, seed=seed,
         profile=profile, artifacts_dir=Path("cotune-artifacts") / name, allow_mixed_hardware=allow_mixed_hardware,
-        world_size=world_size, workload=workload_info,
+        world_size=world_size, workload=workload_info, data=_data_attrs(data_info),
     )
     opt_study = engine.open_study(open_storage(storage), name, settings)
     stale = engine.fail_stale_trials(opt_study)
@@ -192,6 +192,12 @@ def _prepare_data(workload, cache_dir: Path):
     with bar:
         return data_mod.prepare_data(workload.data, cache_dir, seq_len=workload.seq_len, tokenizer=workload.tokenizer,
                                      text_field=workload.data_field, progress=progress)
+
+
+def _data_attrs(info) -> dict:
+    """What the study records of its data: where it came from, its size, and the tokenizer to reuse."""
+    return {"source": info.source, "vocab_size": info.vocab_size, "train_tokens": info.n_train_tokens,
+            "val_tokens": info.n_val_tokens, "tokenizer_dir": str(info.tokenizer_dir) if info.tokenizer_dir else None}
 
 
 def _describe_workload(workload, vocab: int, data_info, cache_dir: Path, where: str):

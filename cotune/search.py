@@ -72,6 +72,7 @@ class SearchSettings:
     allow_mixed_hardware: bool = False
     world_size: int = 1
     workload: WorkloadInfo | None = None  # what cotune.workload learnt of the model; None: the built-in gpt
+    data: dict[str, Any] | None = None  # the prepared data: source, token counts, tokenizer folder
 
     @property
     def native_precisions(self) -> list[str]:
@@ -126,6 +127,7 @@ def open_study(
         "hardware_id": settings.fingerprint["hardware_id"],
         "fingerprint": settings.fingerprint,
         "workload": settings.workload.to_dict() if settings.workload is not None else None,
+        "data": settings.data,
         "cotune_version": __version__,
     }
     for key, value in attrs.items():

@@ -74,6 +74,11 @@ def test_hugging_face_spaces_search_report_and_export(tmp_path, space):
     assert len(ok) >= 2, [(t.user_attrs["status"], t.user_attrs["reason"]) for t in study.trials]
     model = "hf:llama" if space == "cpu-llama-tiny" else "hf:bert"
     assert study.user_attrs["workload"]["model"] == model
+    data = study.user_attrs["data"]  # the study says where its tokens and tokenizer came from
+    assert data["vocab_size"] == 2048 and "BPE 2048" in data["source"]
+    from transformers import AutoTokenizer
+
+    assert len(AutoTokenizer.from_pretrained(data["tokenizer_dir"])) == 2048
     for t in ok:
         workload = t.user_attrs["config"]["workload"]
         assert workload["model"] == model and workload["vocab_size"] == 2048 and workload["tokenizer"] == "bpe:2048"
