@@ -55,7 +55,7 @@ def trial_config(wl: WorkloadConfig, micro: int, precision: str, ckpt: bool, dev
         parallel=par,
         precision=PrecisionConfig(precision),
         software=SoftwareConfig(activation_checkpointing=ckpt),
-        run=RunConfig(device=device, warmup_steps=1, measured_steps=1, token_budget=1,
+        run=RunConfig(device=device, warmup_steps=1, measured_steps=1, token_budget=2 * micro * par.data_parallel * wl.seq_len,
                       eval_tokens=wl.seq_len, timeout_s=600),
     )
 

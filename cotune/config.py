@@ -178,6 +178,11 @@ class TrialConfig:
     def load(cls, path: str | Path) -> TrialConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
+    @property
+    def budget_steps(self) -> int:
+        """Optimizer steps to the token budget: ceil(token_budget / (global batch * seq_len)); the loss is taken then."""
+        return math.ceil(self.run.token_budget / (self.batch.global_batch_size * self.workload.seq_len))
+
     def flat(self) -> dict[str, Any]:
         """Every tunable value by its knob name (``learning_rate``, ``dp``, ...), for tables."""
         out: dict[str, Any] = {}

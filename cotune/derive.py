@@ -231,7 +231,13 @@ def _layout_rule(config: TrialConfig) -> str:
     """Rules every parallel layout must meet, whatever the space declares; '' if it does."""
     par, w, b = config.parallel, config.workload, config.batch
     stages = par.pp * par.pp_virtual_stages
+    run, budget = config.run, config.budget_steps
     rules = [
+        (budget >= run.warmup_steps + run.measured_steps,
+         f"token_budget / (global_batch_size * seq_len) >= warmup_steps + measured_steps must hold (the timed steps "
+         f"come before the validation loss, never with it), but got {budget} steps to the budget "
+         f"(token_budget={run.token_budget}, global_batch_size={b.global_batch_size}, seq_len={w.seq_len}), "
+         f"warmup_steps={run.warmup_steps}, measured_steps={run.measured_steps}"),
         (w.n_head % par.tp == 0 and w.kv_heads % par.tp == 0 and w.ffn_width % par.tp == 0,
          f"n_head % tp == 0, n_kv_head % tp == 0 and ffn_hidden % tp == 0 must hold (whole heads and MLP columns "
          f"per rank), but got n_head={w.n_head}, n_kv_head={w.kv_heads}, ffn_hidden={w.ffn_width}, tp={par.tp}"),

@@ -147,3 +147,15 @@ def test_tile_rules_name_every_value(cpu_space):
     _, reason = derive.build_config(gpu8, {"kernels": "triton", "tp": 2, "precision": "bf16"}, world_size=8,
                                     vocab_size=256)
     assert reason.startswith("mlp_kernel=triton with tp > 1 is not run yet") and "tp=2" in reason
+
+
+def test_a_budget_that_cannot_hold_the_timed_steps_is_infeasible(cpu_space):
+    """The validation loss is taken after the budget; the timed window must end before it."""
+    short = cpu_space.model_copy(update={"trial": cpu_space.trial.model_copy(update={"token_budget": 64 * 64 * 10})})
+    _, reason = derive.build_config(short, {"global_batch_size": 64}, world_size=1, vocab_size=258)
+    assert reason.startswith("token_budget / (global_batch_size * seq_len) >= warmup_steps + measured_steps must hold")
+    assert "but got 10 steps to the budget (token_budget=40960, global_batch_size=64, seq_len=64), " \
+           "warmup_steps=3, measured_steps=20" in reason
+    _, reason = derive.build_config(short, {"global_batch_size": 8, "micro_batch_size": 8}, world_size=1,
+                                    vocab_size=258)
+    assert reason == ""  # 80 steps at the smaller batch

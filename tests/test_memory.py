@@ -40,7 +40,8 @@ def config(wl: WorkloadConfig = TINY, *, micro: int = 8, accum: int = 1, precisi
         parallel=par,
         precision=PrecisionConfig(precision),
         software=SoftwareConfig(activation_checkpointing=ckpt),
-        run=RunConfig(device=device, warmup_steps=1, measured_steps=1, token_budget=1, eval_tokens=wl.seq_len),
+        run=RunConfig(device=device, warmup_steps=1, measured_steps=1,
+                      token_budget=2 * micro * accum * par.data_parallel * wl.seq_len, eval_tokens=wl.seq_len),
     )
 
 

@@ -242,3 +242,33 @@ def test_out_of_memory_on_another_rank_is_classified(tmp_path):
     assert result.status == "oom", f"{result.status}: {result.reason}\n{result.error_tail}"
     assert "rank 1" in result.reason and "OutOfMemoryError" in result.error_tail
     assert _processes_of(tmp_path) == []
+
+
+def _count_host_syncs(config: TrialConfig, tmp_path: Path, name: str) -> dict:
+    """tests/probes/host_syncs.py on ``config``: one process, or under torchrun for its world size."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    world = config.parallel.world_size
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"]
+                                   if world > 1 else [])
+    (tmp_path / f"{name}.json").write_text(config.to_json())
+    done = subprocess.run([*launcher, str(ROOT / "tests" / "probes" / "host_syncs.py"), str(tmp_path / f"{name}.json"),
+                           str(tmp_path / f"{name}.out.json")], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads((tmp_path / f"{name}.out.json").read_text())
+
+
+def test_a_timed_step_syncs_the_host_as_often_in_every_layout(tmp_path):
+    """The timed window holds training steps only: no loss read back, no gradient norm brought to the host,
+    in any layout, so a sharded layout pays only its own collectives. What is left is the same in all (AdamW's
+    per-parameter step counter, the same parameters on every rank here)."""
+    one = _count_host_syncs(BASE, tmp_path, "one")
+    for name in ("dp2", "fsdp2", "tp2"):
+        counted = _count_host_syncs(layout(LAYOUTS[name]), tmp_path, name)
+        assert counted["host_syncs_per_step"] == one["host_syncs_per_step"], (name, counted, one)
+    assert one["collectives_per_step"] == 0

@@ -162,11 +162,14 @@ def test_same_seed_same_loss_with_and_without_activation_checkpointing(cache: Pa
     assert abs(other_seed.metrics["val_loss"] - plain.metrics["val_loss"]) > 1e-4  # the seed matters
 
 
-def test_short_budget_still_times_warmup_plus_measured_steps(cache: Path) -> None:
-    r = run_trial(with_(BASE, run={"token_budget": 8 * 64 * 3}), cache_dir=cache)
+def test_a_budget_shorter_than_the_timed_steps_is_refused_before_training(cache: Path) -> None:
+    """The timed window holds training steps only: the validation loss never falls inside it."""
+    with pytest.raises(ValueError, match="warmup_steps \\+ measured_steps must hold, but got 3 steps"):
+        run_trial(with_(BASE, run={"token_budget": 8 * 64 * 3}), cache_dir=cache)
+    r = run_trial(with_(BASE, run={"token_budget": 8 * 64 * 6}), cache_dir=cache)  # exactly warm-up + measured
     assert r.status == "ok"
-    assert (r.metrics["budget_steps"], r.metrics["train_steps"], r.metrics["tokens_trained"]) == (3, 6, 3 * 512)
-    assert len(r.loss_curve) == 3  # the curve covers the budget; the extra steps only time
+    assert (r.metrics["budget_steps"], r.metrics["train_steps"], r.metrics["tokens_trained"]) == (6, 6, 6 * 512)
+    assert len(r.loss_curve) == 6
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -206,7 +209,7 @@ def test_out_of_memory_is_a_result(cache: Path) -> None:
 
 
 def test_profile_gives_top_ops_and_a_trace(cache: Path, tmp_path: Path) -> None:
-    config = with_(BASE, run={"profile": True, "token_budget": 8 * 64 * 4})
+    config = with_(BASE, run={"profile": True, "token_budget": 8 * 64 * 6})
     r = run_trial(config, cache_dir=cache, trace_dir=tmp_path / "traces")
     assert r.status == "ok"
     ops = r.profile_top_ops

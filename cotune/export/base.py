@@ -8,7 +8,6 @@ express; it never imports the target library (or torch): exporting only reads.
 from __future__ import annotations
 
 import importlib
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -70,8 +69,7 @@ def export(config: TrialConfig, fmt: str) -> Exported:
 
 def budget_steps(config: TrialConfig) -> int:
     """Optimizer steps the trial's schedule spans: ceil(token_budget / (global batch * seq_len)), as in the trial."""
-    tokens_per_step = config.batch.global_batch_size * config.workload.seq_len
-    return math.ceil(config.run.token_budget / tokens_per_step)
+    return config.budget_steps
 
 
 def warmup_steps(config: TrialConfig) -> int:

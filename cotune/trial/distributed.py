@@ -57,6 +57,13 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.tolist()
 
+    def loss_means(self, values: torch.Tensor) -> list[float]:
+        """Element-wise mean of a (steps,) float64 tensor over the ranks that report the loss: one all-reduce."""
+        weight = 1.0 if self.reports_loss else 0.0
+        both = torch.stack([values * weight, torch.full_like(values, weight)])  # (2, steps)
+        dist.all_reduce(both)  # every rank learns the same means, so all stop together on a NaN
+        return (both[0] / both[1]).tolist()
+
     def loss_mean(self, value: float, weight: float = 1.0) -> float:
         """Mean of the loss over the ranks that report it (the last stage), weighted."""
         if self.mesh is None:

@@ -25,7 +25,6 @@ missing was rejected before launch, so here a missing fact is a bug and raises.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -239,29 +238,39 @@ def sync_tied_grads(p: Parallel) -> None:
         dist.all_reduce(grad.to_local() if isinstance(grad, DTensor) else grad, group=p.tie_group)
 
 
-def clip_grad_norm(p: Parallel, max_norm: float, d: Dist) -> float:
-    """Clip by the global L2 norm over every rank's gradients, exactly as one process would.
+def clip_grad_norm(p: Parallel, max_norm: float, d: Dist) -> torch.Tensor:
+    """Clip by the global L2 norm over every rank's gradients, exactly as one process would; returns the norm.
 
-    Sharded (DTensor) gradients are reduced over their own mesh; pipeline stages add their
-    squares; the tied matrix counts once (its first-stage copy).
+    One reduction per device mesh for the sharded (DTensor) gradients (torch's own total norm,
+    made whole once), the replicated ones added locally (they are equal on every rank),
+    pipeline stages adding their squares in one more; the tied matrix counts once (its
+    first-stage copy). No host sync: the norm stays a device tensor (fp16's loss scaler reads
+    it, in every layout).
     """
     skip = {id(t) for t in p.tied} if p.has_last and not p.has_first else set()
-    sq = torch.zeros((), dtype=torch.float64, device=d.device)
-    params = [q for q in p.parameters() if q.grad is not None]
-    for q in params:
-        if id(q) in skip:
-            continue
-        n = q.grad.norm(2)
-        if isinstance(n, DTensor):
-            n = n.full_tensor()
-        sq += n.double() ** 2
+    groups = _by_mesh([q for q in p.parameters() if q.grad is not None])
+    sq = torch.zeros((), dtype=torch.float32, device=d.device)
+    for params in groups:
+        counted = [q.grad for q in params if id(q) not in skip]
+        if counted:
+            total = torch.nn.utils.get_total_norm(counted, norm_type=2.0, foreach=True)
+            sq = sq + (total.full_tensor() if isinstance(total, DTensor) else total).float() ** 2
     if d.pp_size > 1:
         dist.all_reduce(sq, group=d.group("pp"))
-    total = math.sqrt(sq.item())
-    if not math.isfinite(total):
-        return total  # fp16 overflow: the step is skipped, nothing to clip
-    coef = min(1.0, max_norm / (total + 1e-6))
-    if coef < 1.0:
-        for q in params:
-            q.grad.mul_(coef)
-    return total
+    norm = sq.sqrt()
+    for params in groups:  # the scale is a device tensor, clamped to 1: a small norm leaves gradients as they are
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+    return norm
+
+
+def _by_mesh(params: list[nn.Parameter]) -> list[list[nn.Parameter]]:
+    """Parameters grouped by their gradient's device mesh (plain tensors in one group of their own):
+    under FSDP x TP the TP-split matrices live on (dp_shard, tp), the rest on dp_shard, and DTensor
+    ops do not mix meshes."""
+    groups: dict[tuple, list[nn.Parameter]] = {}
+    for q in params:
+        g = q.grad
+        key = (g.device_mesh.mesh_dim_names, tuple(g.device_mesh.mesh.flatten().tolist())) \
+            if isinstance(g, DTensor) else ()
+        groups.setdefault(key, []).append(q)
+    return list(groups.values())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ import torch.distributed as dist
 
 from cotune import hardware, tiles
 from cotune.config import PRECISIONS, OptimizerConfig, TrialConfig, TrialResult
-from cotune.data import open_splits, prepare_data
+from cotune.data import DataInfo, open_splits, prepare_data
 from cotune.errors import UserError
 from cotune.trial import distributed, measure
 from cotune.trial.batches import Masking
@@ -101,6 +102,11 @@ def infeasible_reason(config: TrialConfig) -> str:
             f"measured_steps={run.measured_steps}, warmup_steps={run.warmup_steps}, "
             f"token_budget={run.token_budget}, eval_tokens={run.eval_tokens}"
         )
+    if config.budget_steps < run.warmup_steps + run.measured_steps:
+        raise ValueError(
+            "token_budget / (global_batch_size * seq_len) >= warmup_steps + measured_steps must hold, but got "
+            f"{config.budget_steps} steps, warmup_steps={run.warmup_steps}, measured_steps={run.measured_steps}"
+        )
     if par.sequence_parallel and (par.tp == 1 or config.workload.seq_len % par.tp):
         raise ValueError(
             "sequence_parallel needs tp > 1 and seq_len % tp == 0, but got "
@@ -134,11 +140,40 @@ def _run(
     config: TrialConfig, d: Dist, cache_dir: Path, trace_dir: Path | None, phases: dict[str, float],
     kernel_cache: Path | None,
 ) -> TrialResult:
-    run, wl = config.run, config.workload
-    device = d.device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    """The trial's phases: data, model and layout, training (timed window inside), measurement, extras."""
+    t = time.perf_counter()
+    data, train_tokens, val_tokens = _load_data(config, cache_dir)
+    phases["data"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    trainer, n_params = build_trainer(config, d, data, train_tokens)
+    phases["model_build"] = time.perf_counter() - t
+
+    flops_per_token = measure.flops_per_token(n_params, config.workload)
+    metrics: dict = {"n_params": n_params, "flops_per_token": flops_per_token, "budget_steps": config.budget_steps}
+    run = train(config, trainer, val_tokens, phases)
+    if run.diverged:
+        metrics.update(train_steps=run.steps, tokens_trained=run.steps * config.batch.global_batch_size
+                       * config.workload.seq_len)
+        return TrialResult("diverged", metrics=metrics, loss_curve=measure.subsample(run.curve, MAX_CURVE_POINTS),
+                           phase_seconds=phases, reason=run.diverged)
+
+    t = time.perf_counter()
+    metrics.update(_measure(config, d, run, flops_per_token, cache_dir))
+    phases["peak_flops"] = time.perf_counter() - t
+    result = TrialResult(
+        "ok", metrics=metrics, loss_curve=measure.subsample(run.curve, MAX_CURVE_POINTS), phase_seconds=phases
+    )
+    if not math.isfinite(run.val_loss):
+        result.status = "diverged"
+        result.reason = f"validation loss is {run.val_loss} after {config.budget_steps} steps"
+        return result
+    _extras(config, d, trainer, result, trace_dir, kernel_cache)
+    return result
+
+
+def _load_data(config: TrialConfig, cache_dir: Path) -> tuple[DataInfo, np.ndarray, np.ndarray]:
+    wl = config.workload
     data = prepare_data(wl.data, cache_dir, seq_len=wl.seq_len, tokenizer=wl.tokenizer, text_field=wl.data_field)
     if data.vocab_size > wl.vocab_size:
         raise UserError(
@@ -146,10 +181,13 @@ def _run(
             f"vocab_size={wl.vocab_size} for {data.source} with vocabulary {data.vocab_size}"
         )
     train_tokens, val_tokens = open_splits(data)
-    phases["data"] = time.perf_counter() - t
+    return data, train_tokens, val_tokens
 
-    t = time.perf_counter()
-    torch.manual_seed(run.seed)  # weights: every rank builds the same full model, then takes its part
+
+def build_trainer(config: TrialConfig, d: Dist, data: DataInfo, train_tokens: np.ndarray) -> tuple[Trainer, int]:
+    """The workload built, its kernels swapped in, laid out on this rank, with its optimizer: a Trainer, and N."""
+    wl, device = config.workload, d.device
+    torch.manual_seed(config.run.seed)  # weights: every rank builds the same full model, then takes its part
     workload = build_workload(wl)
     model = workload.model
     if config.kernels.selected():  # imports triton: only trials that run a kernel pay for it
@@ -180,94 +218,109 @@ def _run(
         if data.mask_id is None:
             raise UserError(f"a masked_lm workload needs a tokenizer with a mask token, but {data.source} has none")
         masking = Masking(mask_id=data.mask_id, vocab_size=data.vocab_size, special_ids=tuple(data.special_ids))
-    trainer = Trainer(config, par, d, train_tokens, scaler, train_loss, masking, pipeline_loss)
-    phases["model_build"] = time.perf_counter() - t
+    return Trainer(config, par, d, train_tokens, scaler, train_loss, masking, pipeline_loss), n_params
 
-    tokens_per_step = config.batch.global_batch_size * wl.seq_len
-    budget_steps = math.ceil(run.token_budget / tokens_per_step)
+
+@dataclass
+class TrainingRun:
+    """What training to the token budget produced."""
+
+    curve: list[list[float]] = field(default_factory=list)  # [step, tokens seen, train loss]
+    step_times: list[float] = field(default_factory=list)  # seconds of each timed step on this rank
+    val_loss: float = math.nan
+    steps: int = 0
+    diverged: str = ""  # why, if the training loss stopped being finite
+
+
+def train(config: TrialConfig, trainer: Trainer, val_tokens: np.ndarray, phases: dict[str, float]) -> TrainingRun:
+    """Train to the token budget, timing steps [warmup_steps, warmup_steps + measured_steps), then evaluate.
+
+    The timed window holds training steps and nothing else, in every layout: each step is
+    timed between device synchronisations, and the losses it produced stay on the device
+    until the window ends, when one reduction over the ranks reads them all (outside the
+    window they are read after every step). The validation loss is taken after the last
+    step; the budget holds the timed window (a rule checked before launch).
+    """
+    run, device = config.run, trainer.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    tokens_per_step = config.batch.global_batch_size * config.workload.seq_len
+    budget_steps = config.budget_steps
     timed = range(run.warmup_steps, run.warmup_steps + run.measured_steps)
-    total_steps = max(budget_steps, timed.stop)  # extra steps (after the val loss) only for timing
-    flops_per_token = measure.flops_per_token(n_params, wl)
-    metrics: dict = {"n_params": n_params, "flops_per_token": flops_per_token, "budget_steps": budget_steps}
-    curve: list[list[float]] = []
-    step_times: list[float] = []
-    val_loss = math.nan
+    out = TrainingRun()
+    pending: list[torch.Tensor] = []  # this rank's losses not read yet
     for name in ("warmup", "measured", "rest_and_eval"):
         phases[name] = 0.0
-
-    for step in range(total_steps):
+    for step in range(budget_steps):
         t_iter = time.perf_counter()
-        phase = "warmup" if step < timed.start else "measured" if step in timed else "rest_and_eval"
         lr = learning_rate_at(step, config.optimizer, budget_steps)
         sync()
         t0 = time.perf_counter()
-        loss_t = trainer.step(lr)
+        pending.append(trainer.step(lr))
         sync()
-        step_time = time.perf_counter() - t0
-        loss = loss_t.item()
         if step in timed:
-            step_times.append(step_time)
-        if step < budget_steps:
-            curve.append([step + 1, (step + 1) * tokens_per_step, loss])
+            out.step_times.append(time.perf_counter() - t0)
+        if step + 1 not in timed:  # never between two timed steps: read after the window's last
+            first = step + 1 - len(pending)
+            for k, loss in enumerate(trainer.read_losses(pending)):
+                out.curve.append([first + k + 1, (first + k + 1) * tokens_per_step, loss])
+                if not math.isfinite(loss) and not out.diverged:
+                    out.diverged = (f"training loss became {loss} at step {first + k + 1} of {budget_steps} "
+                                    f"(learning rate {learning_rate_at(first + k, config.optimizer, budget_steps):.3g})")
+            pending.clear()
+        phase = "warmup" if step < timed.start else "measured" if step in timed else "rest_and_eval"
         phases[phase] += time.perf_counter() - t_iter
-        if not math.isfinite(loss):
-            return TrialResult(
-                "diverged",
-                metrics={**metrics, "train_steps": step + 1, "tokens_trained": (step + 1) * tokens_per_step},
-                loss_curve=measure.subsample(curve, MAX_CURVE_POINTS),
-                phase_seconds=phases,
-                reason=f"training loss became {loss} at step {step + 1} of {total_steps} (learning rate {lr:.3g})",
-            )
-        if step + 1 == budget_steps:
-            t = time.perf_counter()
-            val_loss = trainer.evaluate(val_tokens)
-            phases["rest_and_eval"] += time.perf_counter() - t
+        out.steps = step + 1
+        if out.diverged:
+            return out
+    t = time.perf_counter()
+    out.val_loss = trainer.evaluate(val_tokens)
+    phases["rest_and_eval"] += time.perf_counter() - t
+    return out
 
-    peak_memory, memory_source = measure.peak_memory(device)
+
+def _measure(config: TrialConfig, d: Dist, run: TrainingRun, flops_per_token: int, cache_dir: Path) -> dict:
+    """Throughput (the slowest rank's steps), peak memory (the fullest rank's), MFU; the loss is the run's."""
+    step_times = run.step_times
+    peak_memory, memory_source = measure.peak_memory(d.device)
     if d.world_size > 1:  # the slowest rank sets the pace; the fullest rank sets the memory need
         *step_times, peak_memory = d.max([*step_times, float(peak_memory)])
         peak_memory = int(peak_memory)
+    tokens_per_step = config.batch.global_batch_size * config.workload.seq_len
     tokens_per_second = len(step_times) * tokens_per_step / sum(step_times)
-    t = time.perf_counter()
     achieved = flops_per_token * tokens_per_second / config.parallel.world_size  # per device
-    peak_flops, peak_source = hardware.peak_flops(run.device, config.precision.precision, cache_dir,
+    peak_flops, peak_source = hardware.peak_flops(config.run.device, config.precision.precision, cache_dir,
                                                   at_least=achieved)
-    phases["peak_flops"] = time.perf_counter() - t
-    metrics.update(
-        tokens_per_second=tokens_per_second,
-        val_loss=val_loss,
-        step_time_mean_s=float(np.mean(step_times)),
-        step_time_std_s=float(np.std(step_times, ddof=1)) if len(step_times) > 1 else 0.0,
-        peak_memory_bytes=peak_memory,
-        peak_memory_source=memory_source,
-        mfu=flops_per_token * tokens_per_second / (peak_flops * config.parallel.world_size),
-        peak_flops=peak_flops,
-        peak_flops_source=peak_source,
-        train_steps=total_steps,
-        tokens_trained=budget_steps * tokens_per_step,
-    )
-    result = TrialResult(
-        "ok", metrics=metrics, loss_curve=measure.subsample(curve, MAX_CURVE_POINTS), phase_seconds=phases
-    )
-    if not math.isfinite(val_loss):
-        result.status = "diverged"
-        result.reason = f"validation loss is {val_loss} after {budget_steps} steps"
-        return result
+    return {
+        "tokens_per_second": tokens_per_second,
+        "val_loss": run.val_loss,
+        "step_time_mean_s": float(np.mean(step_times)),
+        "step_time_std_s": float(np.std(step_times, ddof=1)) if len(step_times) > 1 else 0.0,
+        "peak_memory_bytes": peak_memory,
+        "peak_memory_source": memory_source,
+        "mfu": flops_per_token * tokens_per_second / (peak_flops * config.parallel.world_size),
+        "peak_flops": peak_flops,
+        "peak_flops_source": peak_source,
+        "train_steps": run.steps,
+        "tokens_trained": config.budget_steps * tokens_per_step,
+    }
 
+
+def _extras(config: TrialConfig, d: Dist, trainer: Trainer, result: TrialResult, trace_dir: Path | None,
+            kernel_cache: Path | None) -> None:
+    """After measuring: each Triton kernel timed alone, and the profiler pass, if asked for."""
+    phases = result.phase_seconds
     if config.kernels.selected() and d.rank == 0:
         from cotune.trial.kernels.timing import time_kernels
 
         t = time.perf_counter()
-        result.kernel_timings = time_kernels(config, device, kernel_cache)
+        result.kernel_timings = time_kernels(config, d.device, kernel_cache)
         phases["kernel_timing"] = time.perf_counter() - t
     if config.kernels.selected() and d.world_size > 1:
         dist.barrier()  # the other ranks wait here while rank 0 times the kernels
-
-    if run.profile:
+    if config.run.profile:
         t = time.perf_counter()
-        floor_lr = learning_rate_at(budget_steps, config.optimizer, budget_steps)
+        floor_lr = learning_rate_at(config.budget_steps, config.optimizer, config.budget_steps)
         result.profile_top_ops, result.trace_path = measure.profile_steps(
-            lambda: trainer.step(floor_lr), device, PROFILE_STEPS, trace_dir
+            lambda: trainer.step(floor_lr), d.device, PROFILE_STEPS, trace_dir
         )
         phases["profile"] = time.perf_counter() - t
-    return result

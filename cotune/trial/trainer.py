@@ -108,10 +108,11 @@ class Trainer:
         return self.train_loss(logits, y) if reduction == "mean" else cross_entropy(logits, y, reduction)
 
     def step(self, lr: float) -> torch.Tensor:
-        """One optimizer step over grad_accum_steps micro batches; returns their mean loss (a 0-d tensor).
+        """One optimizer step over grad_accum_steps micro batches; returns this rank's mean loss (0-d, on device).
 
-        With several ranks the returned loss is the mean over data-parallel ranks, taken
-        from the last pipeline stage, and identical on every rank.
+        Nothing here waits on the device or talks to other ranks beyond what training itself
+        needs (the layout's own collectives, the gradient norm): the loss is read later, for
+        several steps at once, by :meth:`read_losses`.
         """
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -134,10 +135,17 @@ class Trainer:
         if not self.scaler.enabled or self.scaler.update(float(norm)):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        mean = total / accum
-        if self.d.world_size > 1:
-            mean = torch.tensor(self.d.loss_mean(mean.item()))
-        return mean
+        return total / accum
+
+    def read_losses(self, losses: list[torch.Tensor]) -> list[float]:
+        """The training loss of each step in ``losses`` (this rank's, from :meth:`step`), as one process sees it:
+        the mean over data-parallel ranks of the last pipeline stage's, read with one reduction for all of them."""
+        if not losses:
+            return []
+        mine = torch.stack([t.float() for t in losses]).to(torch.float64)  # (steps,)
+        if self.d.world_size == 1:
+            return mine.tolist()
+        return self.d.loss_means(mine)  # on this rank's device, as its backend wants
 
     def _pipeline_step(self, x: torch.Tensor, y: torch.Tensor, predicted: int) -> torch.Tensor:
         """Forward and backward of one micro batch through the pipeline schedule.
