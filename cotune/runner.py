@@ -28,7 +28,8 @@ from cotune.config import TrialConfig, TrialResult
 
 KILL_GRACE_S = 2.0  # SIGTERM -> SIGKILL: time for a clean exit, short enough not to stall the search
 ERROR_TAIL_LINES = 20
-_POLL_S = 0.25  # how often a running tree is re-scanned for descendants while we wait
+_SCAN_S = 5.0  # without a subreaper: how often a running tree is re-scanned for descendants whose parent died
+_PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 _EXIT_WAIT_S = 10.0  # after SIGKILL: a process holding GB of (GPU) memory takes a moment to release it
 _TAIL_MAX_BYTES = 256 * 1024
 
@@ -139,6 +140,10 @@ def run_process(
     child_env.setdefault("PYTHONUNBUFFERED", "1")  # the log tail is current even when we kill it
     child_env.setdefault("PYTHONFAULTHANDLER", "1")  # a segfault still leaves a Python traceback
 
+    # Linux: a descendant whose parent dies comes back to us, not to init, so the end-of-trial scan finds
+    # it and nothing scans the process table while the trial is being timed.
+    subreaper = _become_subreaper()
+    ours_before = {c.pid for c in _children_of_self()}
     start = time.monotonic()
     with open(log_path, "wb") as log:
         try:
@@ -160,18 +165,14 @@ def run_process(
 
     seen: set[psutil.Process] = set()
     try:
-        timed_out = _wait(proc, start + timeout_s, seen)
+        timed_out = _wait(proc, start + timeout_s, seen, scan_every_s=None if subreaper else _SCAN_S)
     except BaseException:
         # Ctrl-C or a bug in here: the tree must not outlive us either way.
-        _kill_tree_even_if_interrupted(proc, seen, kill_grace_s)
+        _end_tree(proc, seen, ours_before, kill_grace_s)
         raise
-    if timed_out:
-        _kill_tree_even_if_interrupted(proc, seen, kill_grace_s)
-        wall = time.monotonic() - start
-    else:
-        wall = time.monotonic() - start
-        # It exited; anything it left running (a daemon grandchild, a compile worker) goes too.
-        _kill_tree_even_if_interrupted(proc, seen, kill_grace_s)
+    wall = time.monotonic() - start
+    # Timed out, or it exited: anything it left running (a daemon grandchild, a compile worker) goes too.
+    _end_tree(proc, seen, ours_before, kill_grace_s)
 
     result, result_error = _load_result(result_path)
     if result is None and result_error is None:
@@ -213,24 +214,59 @@ def _first_failure(paths: list[Path]) -> tuple[TrialResult | None, str | None]:
     return result, error
 
 
-def _wait(proc: subprocess.Popen, deadline: float, seen: set[psutil.Process]) -> bool:
+def _wait(proc: subprocess.Popen, deadline: float, seen: set[psutil.Process], scan_every_s: float | None) -> bool:
     """Wait until ``proc`` exits or ``deadline`` (monotonic) passes; True if it timed out.
 
-    Meanwhile ``seen`` tracks the tree's processes, so a grandchild whose parent died
-    (and which is no longer reachable from ``proc``) can still be killed later.
+    As a subreaper (``scan_every_s`` None) this only waits. Otherwise it scans the tree every
+    ``scan_every_s`` into ``seen``, so a grandchild whose parent died (and which is no longer
+    reachable from ``proc``) can still be killed later.
     """
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return True
         try:
-            proc.wait(timeout=min(_POLL_S, remaining))
+            proc.wait(timeout=remaining if scan_every_s is None else min(scan_every_s, remaining))
             return False
         except subprocess.TimeoutExpired:
             pass
-        alive = {p for p in seen if _alive(p)}
-        seen.clear()
-        seen.update(alive, _descendants([proc.pid, *(p.pid for p in alive)]))
+        if scan_every_s is not None:
+            alive = {p for p in seen if _alive(p)}
+            seen.clear()
+            seen.update(alive, _descendants([proc.pid, *(p.pid for p in alive)]))
+
+
+def _become_subreaper() -> bool:
+    """Make orphaned descendants re-parent to this process (Linux's PR_SET_CHILD_SUBREAPER); False elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _children_of_self() -> list[psutil.Process]:
+    try:
+        return psutil.Process().children()
+    except psutil.Error:
+        return []
+
+
+def _end_tree(proc: subprocess.Popen, seen: set[psutil.Process], ours_before: set[int], grace_s: float) -> None:
+    """Kill the trial's tree, including descendants re-parented to us when their parent died, and reap those."""
+    adopted = {c for c in _children_of_self() if c.pid != proc.pid and c.pid not in ours_before}
+    _kill_tree_even_if_interrupted(proc, seen | adopted | _descendants(c.pid for c in adopted), grace_s)
+    # Whatever came back to us meanwhile (torchrun's workers once its agent died) is ours to reap.
+    for c in _children_of_self():
+        if c.pid != proc.pid and c.pid not in ours_before:
+            try:
+                os.waitpid(c.pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
 
 
 def kill_tree(

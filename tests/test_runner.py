@@ -239,6 +239,35 @@ def test_leftover_group_member_is_killed_after_a_normal_exit(tmp_path: Path) -> 
         _cleanup([straggler])
 
 
+def test_an_escapee_whose_parent_died_mid_trial_is_killed_without_scanning_while_timed(tmp_path: Path) -> None:
+    """The intermediate process exits at once, leaving a setsid grandchild outside the group; the trial
+    goes on for two seconds. Nothing scans while it runs: the orphan comes back to the runner (a
+    subreaper), and the scan at the end finds and kills it."""
+    escapee = _script(tmp_path, ESCAPEE_SCRIPT, "escapee.py")
+    body = f"""
+    import os, subprocess, sys, time
+    from cotune.config import TrialResult
+    middle = subprocess.Popen([sys.executable, "-c",
+        "import subprocess, sys; subprocess.Popen([sys.executable, {str(escapee)!r}, sys.argv[1]])", sys.argv[1] + ".sid"])
+    middle.wait()  # the escapee's parent is gone
+    while not os.path.exists(sys.argv[1] + ".sid"):
+        time.sleep(0.01)
+    time.sleep(2)
+    TrialResult(status="ok", metrics={{"val_loss": 1.0}}).save(sys.argv[1])
+    """
+    result = _run(tmp_path, body)
+    import psutil
+
+    escaped = [p.pid for p in psutil.process_iter(["cmdline"])
+               if str(escapee) in " ".join(p.info["cmdline"] or []) and p.status() != psutil.STATUS_ZOMBIE]
+    try:
+        assert result.status == "ok"
+        assert escaped == [], "the orphaned escapee outlived its trial"
+        assert not [c for c in psutil.Process().children() if c.status() == psutil.STATUS_ZOMBIE]  # reaped too
+    finally:
+        _cleanup(escaped)
+
+
 @pytest.mark.multiprocess
 def test_ctrl_c_kills_the_tree_and_reraises(tmp_path: Path) -> None:
     tree = _script(tmp_path, TREE_SCRIPT, "tree.py")
