@@ -66,21 +66,38 @@ def allowed_domain(name: str, domain: Domain, native_precisions: list[str]) -> D
     return Domain(choices=[p for p in domain.choices or [] if p in native_precisions])
 
 
-def suggest(trial: Any, space: SearchSpace, native_precisions: list[str]) -> dict[str, Any]:
+def suggest(
+    trial: Any, space: SearchSpace, native_precisions: list[str], precision_choices: list[str] | None = None
+) -> dict[str, Any]:
     """Ask an Optuna trial for every non-fixed knob; fixed knobs are taken as they are.
 
-    A kernel's tile knobs are conditional: asked for only when that kernel runs in Triton,
-    so a trial in torch does not carry tile values that meant nothing to it.
+    Precision is asked for among the choices this hardware runs natively, or among
+    ``precision_choices`` when the study fixed them (a study one machine created and others
+    join: Optuna needs one domain per parameter; a value this machine cannot run is then
+    infeasible here, see :func:`precision_rule`). A kernel's tile knobs are conditional: asked
+    for only when that kernel runs in Triton, so a trial in torch does not carry tile values
+    that meant nothing to it.
     """
     values: dict[str, Any] = {}
     plain = [n for n in space.knobs if KNOBS[n].tile_of is None]
     for name in plain:
-        values[name] = _suggest_one(trial, name, allowed_domain(name, space.knobs[name], native_precisions))
+        domain = allowed_domain(name, space.knobs[name], native_precisions)
+        if name == "precision" and precision_choices is not None:
+            domain = Domain(choices=list(precision_choices))
+        values[name] = _suggest_one(trial, name, domain)
     triton = {k for k, impl in kernel_choices(values).items() if impl == "triton"}
     for name in space.knobs:
         if KNOBS[name].tile_of in triton:
             values[name] = _suggest_one(trial, name, space.knobs[name])
     return values
+
+
+def precision_rule(precision: str, native_precisions: list[str]) -> str:
+    """Why this machine cannot run ``precision`` ('' if it can): a study's other machines may."""
+    if precision in native_precisions:
+        return ""
+    return (f"precision={precision} does not run natively on this machine (it runs {', '.join(native_precisions)}); "
+            "the study's precision choices come from the machine that created it")
 
 
 def kernel_choices(values: dict[str, Any]) -> dict[str, str]:

@@ -127,6 +127,10 @@ def open_study(
         "hardware_id": settings.fingerprint["hardware_id"],
         "fingerprint": settings.fingerprint,
         "workload": settings.workload.to_dict() if settings.workload is not None else None,
+        # The precision domain Optuna samples from, for every machine that joins the study later.
+        "precision_choices": derive.allowed_domain("precision", settings.space.knobs["precision"],
+                                                   settings.native_precisions).choices
+        if "precision" in settings.space.knobs else None,
         "data": settings.data,
         "cotune_version": __version__,
     }
@@ -229,44 +233,70 @@ def run_search(
     on_start: Callable[[int, TrialConfig | None], None] = lambda n, c: None,
     on_done: Callable[[Progress, TrialResult], None] = lambda p, r: None,
 ) -> Progress:
-    """Ask, run and tell until the study holds ``settings.budget`` finished trials."""
+    """Ask, run and tell until the study holds ``settings.budget`` finished trials.
+
+    Whatever goes wrong while a trial is in hand (Ctrl-C, or a bug in deriving, estimating or
+    recording) closes that trial before the exception goes on, so no trial is left RUNNING.
+    """
     progress = progress_of(study, settings.objectives, Progress(settings.budget, 0))
     while progress.done < settings.budget:
         trial = study.ask()
-        trial.set_user_attr("host", socket.gethostname())
-        trial.set_user_attr("search_pid", os.getpid())
-        knob_values = derive.suggest(trial, settings.space, settings.native_precisions)
-        config, reason = derive.build_config(
-            settings.space, knob_values, world_size=settings.world_size, vocab_size=settings.vocab_size,
-            seed=trial.number if settings.seed is None else settings.seed, profile=settings.profile,
-            shared_memory_bytes=hardware.shared_memory_bytes(settings.fingerprint, settings.space.hardware.device),
-            workload=settings.workload,
-        )
-        if config is not None and config.kernels.selected() and not settings.fingerprint["software"].get("triton"):
-            reason = reason or ("kernels=triton needs Triton, which this machine does not have installed "
-                                "(pip install 'cotune[kernels]'; CUDA builds of torch bring it)")
-        estimate = None
-        if config is not None and config.workload.model == "gpt":  # the memory model counts the built-in GPT's tensors
-            # The analytic memory model, before launch: a config that cannot fit is never run.
-            estimate = memory.estimate(config, runtime_bytes=memory.runtime_bytes(settings.fingerprint, config.run.device))
-            reason = reason or memory.fits(estimate, memory.capacity_bytes(
-                settings.fingerprint, config.run.device, config.parallel.world_size))
-        on_start(trial.number, config)
         try:
-            if reason:
-                result = TrialResult(status="infeasible", reason=reason)
-            else:
-                result = run_fn(config, settings.runs_dir / f"trial-{trial.number:04d}")
+            result = _ask_run_record(study, trial, settings, run_fn, on_start)
         except KeyboardInterrupt:
-            trial.set_user_attr("status", "interrupted")
-            study.tell(trial, state=TrialState.FAIL)
+            _close(study, trial, "interrupted", "the search was interrupted (Ctrl-C) while this trial ran")
             raise
-        if estimate is not None:  # recorded beside the measured peak, for every trial
-            result.metrics["estimated_peak_memory_bytes"] = estimate.total
-        record(study, trial, config, knob_values, result, settings, estimate)
+        except Exception as e:
+            # Not the config's failure: recorded as interrupted (not counted), so a rerun tries again.
+            _close(study, trial, "interrupted", f"the search failed on this trial: {type(e).__name__}: {e}"[:500])
+            raise
         progress.ran_here += 1
         on_done(progress_of(study, settings.objectives, progress), result)
     return progress
+
+
+def _ask_run_record(study: optuna.Study, trial: optuna.Trial, settings: SearchSettings, run_fn: RunFn,
+                    on_start: Callable[[int, TrialConfig | None], None]) -> TrialResult:
+    """One trial: its config derived and checked, run (unless infeasible), and recorded."""
+    trial.set_user_attr("host", socket.gethostname())
+    trial.set_user_attr("search_pid", os.getpid())
+    choices = study.user_attrs.get("precision_choices")  # fixed when the study was created (None: older studies)
+    knob_values = derive.suggest(trial, settings.space, settings.native_precisions, choices)
+    config, reason = derive.build_config(
+        settings.space, knob_values, world_size=settings.world_size, vocab_size=settings.vocab_size,
+        seed=trial.number if settings.seed is None else settings.seed, profile=settings.profile,
+        shared_memory_bytes=hardware.shared_memory_bytes(settings.fingerprint, settings.space.hardware.device),
+        workload=settings.workload,
+    )
+    if config is not None:
+        reason = reason or derive.precision_rule(config.precision.precision, settings.native_precisions)
+    if config is not None and config.kernels.selected() and not settings.fingerprint["software"].get("triton"):
+        reason = reason or ("kernels=triton needs Triton, which this machine does not have installed "
+                            "(pip install 'cotune[kernels]'; CUDA builds of torch bring it)")
+    estimate = None
+    if config is not None and config.workload.model == "gpt":  # the memory model counts the built-in GPT's tensors
+        # The analytic memory model, before launch: a config that cannot fit is never run.
+        estimate = memory.estimate(config, runtime_bytes=memory.runtime_bytes(settings.fingerprint, config.run.device))
+        reason = reason or memory.fits(estimate, memory.capacity_bytes(
+            settings.fingerprint, config.run.device, config.parallel.world_size))
+    on_start(trial.number, config)
+    if reason:
+        result = TrialResult(status="infeasible", reason=reason)
+    else:
+        result = run_fn(config, settings.runs_dir / f"trial-{trial.number:04d}")
+    if estimate is not None:  # recorded beside the measured peak, for every trial
+        result.metrics["estimated_peak_memory_bytes"] = estimate.total
+    record(study, trial, config, knob_values, result, settings, estimate)
+    return result
+
+
+def _close(study: optuna.Study, trial: optuna.Trial, status: str, reason: str) -> None:
+    """Tell ``trial`` FAIL with ``status`` and ``reason``, unless it was told already (recording got that far)."""
+    if study._storage.get_trial(trial._trial_id).state != TrialState.RUNNING:
+        return
+    trial.set_user_attr("status", status)
+    trial.set_user_attr("reason", reason)
+    study.tell(trial, state=TrialState.FAIL)
 
 
 def record(

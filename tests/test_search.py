@@ -130,6 +130,25 @@ def test_refuses_to_mix_hardware_unless_told(fingerprint, tmp_path):
     assert search.run_search(open_study(tmp_path, s3), s3, fake_trial).done == 3
 
 
+def test_mixed_hardware_with_other_native_precisions_shares_one_domain(fingerprint, tmp_path):
+    """The machine that creates the study fixes the precision choices; a machine that cannot run one of
+    them records it as infeasible here instead of crashing on a different Optuna distribution."""
+    wide = {**fingerprint, "native_precisions": {"cpu": ["fp32", "bf16", "fp16"]}}
+    narrow = {**fingerprint, "hardware_id": "somewhere-else", "native_precisions": {"cpu": ["fp32", "bf16"]},
+              "hardware": {**fingerprint["hardware"], "cpu_model": "Other CPU"}}
+    s = settings(wide, tmp_path, budget=6, sampler="random")
+    study = open_study(tmp_path, s)
+    search.run_search(study, s, fake_trial)
+    assert study.user_attrs["precision_choices"] == ["fp32", "bf16", "fp16"]
+    s2 = settings(narrow, tmp_path, budget=30, sampler="random", allow_mixed_hardware=True)
+    search.run_search(open_study(tmp_path, s2), s2, fake_trial)
+    here = [t for t in study.get_trials() if t.number >= 6]
+    refused = [t for t in here if t.params.get("precision") == "fp16"]
+    assert refused and all(t.user_attrs["status"] == "infeasible" and t.user_attrs["reason"].startswith(
+        "precision=fp16 does not run natively on this machine (it runs fp32, bf16)") for t in refused)
+    assert any(t.user_attrs["status"] == "ok" for t in here)
+
+
 def test_refuses_other_objectives_or_space(fingerprint, tmp_path):
     s = settings(fingerprint, tmp_path, budget=1)
     search.run_search(open_study(tmp_path, s), s, fake_trial)
@@ -166,6 +185,30 @@ def test_interrupted_trial_is_closed_and_not_counted(fingerprint, tmp_path):
     assert [t.user_attrs["status"] for t in trials] == ["interrupted"]
     assert trials[0].state == optuna.trial.TrialState.FAIL
     assert search.run_search(study, s, fake_trial).done == 3
+
+
+@pytest.mark.parametrize("where", ["run", "estimate", "record"])
+def test_a_bug_anywhere_in_the_loop_leaves_no_trial_running(fingerprint, tmp_path, monkeypatch, where):
+    """A bug raises (it is not data), but the trial in hand is closed first: interrupted, with the error,
+    not counted, so the next search retries it."""
+    s = settings(fingerprint, tmp_path, budget=3)
+    study = open_study(tmp_path, s)
+    run_fn = fake_trial
+    if where == "run":
+        def run_fn(config, trial_dir):
+            raise ValueError("a bug in the runner")
+    elif where == "estimate":
+        monkeypatch.setattr(search.memory, "estimate", lambda *a, **k: (_ for _ in ()).throw(ValueError("a bug")))
+    else:
+        monkeypatch.setattr(search, "record", lambda *a, **k: (_ for _ in ()).throw(ValueError("a bug")))
+    with pytest.raises(ValueError, match="a bug"):
+        search.run_search(study, s, run_fn)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL]
+    assert trials[0].user_attrs["status"] == "interrupted"
+    assert trials[0].user_attrs["reason"].startswith("the search failed on this trial: ValueError: a bug")
+    monkeypatch.undo()
+    assert search.run_search(study, s, fake_trial).done == 3  # the failed one is not counted
 
 
 def test_trials_left_running_by_a_killed_search_are_closed(fingerprint, tmp_path):
