@@ -137,7 +137,7 @@ def search(
         space=search_space, space_path=str(space_path), objectives=objective_names, budget=budget,
         fingerprint=fingerprint, vocab_size=vocab, runs_dir=runs_dir / name, sampler=sampler.value, seed=seed,
         profile=profile, artifacts_dir=Path("cotune-artifacts") / name, allow_mixed_hardware=allow_mixed_hardware,
-        world_size=world_size, workload=workload_info, data=_data_attrs(data_info),
+        world_size=world_size, workload=workload_info, data=_data_attrs(data_info), cache_dir=cache_dir,
     )
     opt_study = engine.open_study(open_storage(storage), name, settings)
     stale = engine.fail_stale_trials(opt_study)

@@ -68,7 +68,7 @@ def peak_flops(device: str, precision: str, cache_dir: Path, *, at_least: float 
     Without a datasheet entry the figure is a matmul probe, cached on disk. A probe
     taken while the machine was busy reads low, so the cache keeps the highest figure
     ever measured, and a caller that has *achieved* more (``at_least``) makes it probe
-    again. Call from the trial side only: it imports torch.
+    again. Imports torch: call it from the trial side, or through :func:`study_peak_flops`.
     """
     import torch
 
@@ -249,6 +249,22 @@ def _nvidia_driver() -> str | None:
         return None
 
 
+def study_peak_flops(device: str, precisions: list[str], cache_dir: Path,
+                     timeout_s: float = 300.0) -> dict[str, dict[str, Any]]:
+    """The MFU denominator of a study, per precision: ``{precision: {"flops": F, "source": S}}``.
+
+    Taken once, when the study is created, in a child process (this one stays torch-free),
+    and kept in the study, so every trial's MFU divides by the same figure.
+    """
+    out = subprocess.run(
+        [sys.executable, "-m", "cotune.hardware", "--peak-flops", device, ",".join(precisions), str(cache_dir)],
+        capture_output=True, text=True, timeout=timeout_s,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"peak FLOP/s probe failed (exit {out.returncode}):\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout)
+
+
 def fingerprint(timeout_s: float = 120.0) -> dict[str, Any]:
     """The machine's fingerprint, taken in a child process so this one stays accelerator-free."""
     out = subprocess.run(
@@ -260,4 +276,9 @@ def fingerprint(timeout_s: float = 120.0) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    json.dump(_probe(), sys.stdout)
+    if len(sys.argv) == 5 and sys.argv[1] == "--peak-flops":  # DEVICE PRECISIONS CACHE_DIR
+        device, precisions, cache = sys.argv[2], sys.argv[3].split(","), Path(sys.argv[4])
+        peaks = {p: dict(zip(("flops", "source"), peak_flops(device, p, cache), strict=True)) for p in precisions if p}
+        json.dump(peaks, sys.stdout)
+    else:
+        json.dump(_probe(), sys.stdout)

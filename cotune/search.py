@@ -73,6 +73,7 @@ class SearchSettings:
     world_size: int = 1
     workload: WorkloadInfo | None = None  # what cotune.workload learnt of the model; None: the built-in gpt
     data: dict[str, Any] | None = None  # the prepared data: source, token counts, tokenizer folder
+    cache_dir: Path | None = None  # where the peak-FLOP/s probe is cached; None: the study records no MFU peak
 
     @property
     def native_precisions(self) -> list[str]:
@@ -118,6 +119,13 @@ def open_study(
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
         _check_compatible(study, name, settings, space_json)
         return study
+    precision_choices = (derive.allowed_domain("precision", settings.space.knobs["precision"],
+                                               settings.native_precisions).choices
+                         if "precision" in settings.space.knobs else None)
+    peaks = None
+    if settings.cache_dir is not None:  # one MFU denominator for the whole study, taken before it exists
+        peaks = hardware.study_peak_flops(settings.space.hardware.device,
+                                          precision_choices or [derive.DEFAULTS["precision"]], settings.cache_dir)
     study = optuna.create_study(study_name=name, storage=storage, directions=directions, sampler=sampler)
     attrs = {
         "objectives": settings.objectives,
@@ -128,9 +136,9 @@ def open_study(
         "fingerprint": settings.fingerprint,
         "workload": settings.workload.to_dict() if settings.workload is not None else None,
         # The precision domain Optuna samples from, for every machine that joins the study later.
-        "precision_choices": derive.allowed_domain("precision", settings.space.knobs["precision"],
-                                                   settings.native_precisions).choices
-        if "precision" in settings.space.knobs else None,
+        "precision_choices": precision_choices,
+        # Peak FLOP/s per precision (datasheet, or the matmul probe): every trial's MFU divides by these.
+        "peak_flops": peaks,
         "data": settings.data,
         "cotune_version": __version__,
     }
@@ -286,8 +294,21 @@ def _ask_run_record(study: optuna.Study, trial: optuna.Trial, settings: SearchSe
         result = run_fn(config, settings.runs_dir / f"trial-{trial.number:04d}")
     if estimate is not None:  # recorded beside the measured peak, for every trial
         result.metrics["estimated_peak_memory_bytes"] = estimate.total
+    if config is not None:
+        _study_mfu(study, config, result)
     record(study, trial, config, knob_values, result, settings, estimate)
     return result
+
+
+def _study_mfu(study: optuna.Study, config: TrialConfig, result: TrialResult) -> None:
+    """MFU over the study's peak FLOP/s for the trial's precision, the same figure for every trial."""
+    peak = (study.user_attrs.get("peak_flops") or {}).get(config.precision.precision)
+    m = result.metrics
+    if result.status != "ok" or not peak or "flops_per_token" not in m or "tokens_per_second" not in m:
+        return
+    m["peak_flops"] = peak["flops"]
+    m["peak_flops_source"] = f"the study's, taken when it was created ({peak['source']})"
+    m["mfu"] = m["flops_per_token"] * m["tokens_per_second"] / (peak["flops"] * config.parallel.world_size)
 
 
 def _close(study: optuna.Study, trial: optuna.Trial, status: str, reason: str) -> None:

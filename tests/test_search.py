@@ -149,6 +149,27 @@ def test_mixed_hardware_with_other_native_precisions_shares_one_domain(fingerpri
     assert any(t.user_attrs["status"] == "ok" for t in here)
 
 
+def test_every_trial_divides_by_the_one_peak_the_study_took_at_creation(fingerprint, tmp_path):
+    s = settings(fingerprint, tmp_path, budget=4, cache_dir=tmp_path / "cache")
+    study = open_study(tmp_path, s)
+    peaks = study.user_attrs["peak_flops"]
+    assert set(peaks) == set(study.user_attrs["precision_choices"]) and all(p["flops"] > 0 for p in peaks.values())
+
+    def with_flops(config, trial_dir):
+        result = fake_trial(config, trial_dir)
+        result.metrics.update(flops_per_token=1_000_000, mfu=0.99, peak_flops=1.0)  # what a trial's own probe said
+        return result
+
+    search.run_search(study, s, with_flops)
+    for t in study.get_trials():
+        m = t.user_attrs["metrics"]
+        if t.user_attrs["status"] == "ok":
+            peak = peaks[t.user_attrs["config"]["precision"]["precision"]]["flops"]
+            assert m["peak_flops"] == peak and m["peak_flops_source"].startswith("the study's")
+            world = TrialConfig.from_dict(t.user_attrs["config"]).parallel.world_size
+            assert m["mfu"] == pytest.approx(1_000_000 * m["tokens_per_second"] / (peak * world))
+
+
 def test_refuses_other_objectives_or_space(fingerprint, tmp_path):
     s = settings(fingerprint, tmp_path, budget=1)
     search.run_search(open_study(tmp_path, s), s, fake_trial)
