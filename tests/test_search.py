@@ -232,6 +232,18 @@ def test_a_bug_anywhere_in_the_loop_leaves_no_trial_running(fingerprint, tmp_pat
     assert search.run_search(study, s, fake_trial).done == 3  # the failed one is not counted
 
 
+def test_a_rerun_with_the_same_seed_does_not_replay_the_first_trials(fingerprint, tmp_path):
+    s = settings(fingerprint, tmp_path, budget=4, sampler="random")
+    search.run_search(open_study(tmp_path, s), s, fake_trial)
+    s8 = settings(fingerprint, tmp_path, budget=8, sampler="random")
+    study = open_study(tmp_path, s8)
+    search.run_search(study, s8, fake_trial)
+    trials = study.get_trials()
+    first, resumed = [t.params for t in trials[:4]], [t.params for t in trials[4:]]
+    assert all(r != f for r in resumed for f in first), "the resumed search proposed an earlier trial again"
+    assert search.sampler_seed(0, 0) == 0 and search.sampler_seed(None, 4) is None
+
+
 def test_trials_left_running_by_a_killed_search_are_closed(fingerprint, tmp_path):
     import socket
     import subprocess
