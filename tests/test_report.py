@@ -252,3 +252,18 @@ def test_ok_and_failed_trials_mixed(fingerprint, tmp_path):
             assert after == before
     html = render(info)
     assert 'id="failures"' in html and 'id="fig-pareto"' in html
+
+
+def test_fp16_trials_that_skipped_many_steps_are_flagged(tmp_path, fingerprint):
+    def skipping(config: TrialConfig, trial_dir: Path) -> TrialResult:
+        result = fake_run(config, trial_dir)
+        number = int(trial_dir.name.rsplit("-", 1)[1])
+        result.metrics.update(train_steps=40, fp16_skipped_steps={0: 1, 1: 10}.get(number, 0))  # 2.5% and 25%
+        return result
+
+    study = fake_study(tmp_path, fingerprint, skipping, budget=3)
+    info = report_info(study)
+    assert info.notes["fp16"].startswith("fp16 trials that skipped more than 5% of their optimizer steps on gradient "
+                                         "overflow: #1 (25%).")
+    assert "#0" not in info.notes["fp16"]
+    assert "#1 (25%)" in render(info)

@@ -178,6 +178,8 @@ def test_reduced_precision_runs(cache: Path, precision: str) -> None:
     r = run_trial(config, cache_dir=cache)
     assert r.status == "ok", r.reason
     assert math.isfinite(r.metrics["val_loss"]) and r.metrics["val_loss"] < math.log(256) + 0.1
+    assert ("fp16_skipped_steps" in r.metrics) == (precision == "fp16")  # counted where a loss scale can skip
+    assert 0 <= r.metrics.get("fp16_skipped_steps", 0) < r.metrics["train_steps"]
 
 
 def test_huge_learning_rate_diverges(cache: Path) -> None:

@@ -93,6 +93,22 @@ def _objectives(study: optuna.Study) -> list[Objective]:
     return [Objective(n, OBJECTIVES[n][0], OBJECTIVES[n][1], LABELS[n]) for n in names]
 
 
+FP16_SKIP_SHARE = 0.05  # above this share of skipped steps an fp16 trial is flagged
+
+
+def fp16_skip_note(frame: pd.DataFrame) -> str:
+    """The ok fp16 trials that skipped more than FP16_SKIP_SHARE of their steps on overflow, in one sentence."""
+    ok = frame[frame["ok"] & frame["fp16_skipped_steps"].notna() & (frame["train_steps"] > 0)]
+    share = ok["fp16_skipped_steps"] / ok["train_steps"]
+    flagged = share[share > FP16_SKIP_SHARE]
+    if flagged.empty:
+        return ""
+    listed = ", ".join(f"#{n} ({v:.0%})" for n, v in flagged.items())
+    return (f"fp16 trials that skipped more than {FP16_SKIP_SHARE:.0%} of their optimizer steps on gradient "
+            f"overflow: {listed}. Their loss comes from fewer updates than the budget; the loss scale was still "
+            "settling, so compare them with care.")
+
+
 def report_info(study: optuna.Study) -> ReportInfo:
     """Compute the report's data from a loaded study."""
     objectives = _objectives(study)
@@ -122,6 +138,7 @@ def report_info(study: optuna.Study) -> ReportInfo:
                              "measured and not shown; the knobs each pick changes from the baseline are listed.")
 
     picks, knee, extremes = _picks(frame, pareto_numbers, objectives, base, baseline_trial)
+    notes["fp16"] = fp16_skip_note(frame)
     tunable = _tunable(ok)
     importances, notes["importance"] = _importances(study, objectives, tunable, len(ok))
     convergence = _convergence(frame, objectives)

@@ -175,6 +175,7 @@ def _pick(info: ReportInfo) -> str:
         parts.append(note(info.notes.get("pareto", "No Pareto configs.")))
         return section("pick", "What to pick: the Pareto configs", "".join(parts))
     parts.append(note(info.notes.get("baseline", "")))
+    parts.append(note(info.notes.get("fp16", "")))
     parts.append(f"<p>One row per distinct Pareto-optimal config ({len(info.picks)}), fastest first. Click a "
                  "header to sort. The knee row is highlighted.</p>" if len(info.objectives) > 1 else
                  "<p>The best config of this single-objective study.</p>")

@@ -160,6 +160,8 @@ def _run(
 
     t = time.perf_counter()
     metrics.update(_measure(config, d, run, flops_per_token, cache_dir))
+    if trainer.scaler.enabled:  # optimizer steps fp16 skipped on overflow (every rank skips the same ones)
+        metrics["fp16_skipped_steps"] = trainer.scaler.skipped
     phases["peak_flops"] = time.perf_counter() - t
     result = TrialResult(
         "ok", metrics=metrics, loss_curve=measure.subsample(run.curve, MAX_CURVE_POINTS), phase_seconds=phases
