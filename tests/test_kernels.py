@@ -404,3 +404,25 @@ def test_triton_kernels_train_as_pytorch_does_and_reuse_measured_timings(tmp_pat
     assert again.status == "ok" and [t["cached"] for t in again.kernel_timings] == [True, True, True]
     assert [t["triton_ms"] for t in again.kernel_timings] == [t["triton_ms"] for t in with_triton.kernel_timings]
     assert again.phase_seconds["kernel_timing"] < with_triton.phase_seconds["kernel_timing"] / 5
+
+
+def test_timing_cache_key_covers_the_kernel_source_and_cotune_and_times_the_training_path():
+    import hashlib
+
+    from cotune import __version__
+    from cotune.trial.kernels import timing
+
+    for kernel, module in (("mlp", "mlp.py"), ("cross_entropy", "cross_entropy.py"), ("layernorm", "layernorm.py")):
+        source = (ROOT / "cotune" / "trial" / "kernels" / module).read_bytes()
+        assert timing.source_hash(kernel) == hashlib.sha256(source).hexdigest()[:16]
+    config = triton_config()
+    records = timing.time_kernels(config, torch.device("cpu"), None)
+    assert all(r["source"] == timing.source_hash(r["kernel"]) and r["cotune"] == __version__ for r in records)
+    # The cross-entropy is timed as training runs it: its gradient written over the logits.
+    w = timing.workload("cross_entropy", {"N": 8, "V": 64}, {"block_size": 64, "num_warps": 1}, torch.float32,
+                        torch.device("cpu"))
+    logits = w.inputs[0]
+    before = logits.detach().clone()
+    w.step(w.kernel)()
+    expected = (torch.softmax(before, -1) - F.one_hot(w.inputs[1], 64)) / 8  # d mean-loss / d logits
+    torch.testing.assert_close(logits.detach(), expected, rtol=1e-5, atol=1e-6)

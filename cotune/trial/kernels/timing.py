@@ -2,7 +2,9 @@
 replaces, forward and backward, and cached on disk.
 
 The cache key is everything that decides the figure: kernel, shape, dtype, tiles, device
-name and the Triton and torch versions (a new compiler makes new code). A trial whose
+name, the Triton and torch versions (a new compiler makes new code), the kernel's source
+(a hash of its module) and cotune's version. The timed call is the one training makes
+(the cross-entropy writes the logits' gradient over them, as in a trial). A trial whose
 tiles were already measured for its shapes on this device reuses the figure instead of
 benchmarking again. On a GPU the timer is ``triton.testing.do_bench`` (median over
 repeats, L2 flushed between them); on CPU the kernels run in Triton's interpreter, so
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import statistics
@@ -26,9 +29,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cotune import hardware
+from cotune import __version__, hardware
 from cotune.config import TrialConfig
 from cotune.tiles import kernel_shapes, kernel_tiles
+from cotune.trial.kernels import cross_entropy as ce_module
+from cotune.trial.kernels import layernorm as ln_module
+from cotune.trial.kernels import mlp as mlp_module
 from cotune.trial.kernels.cross_entropy import cross_entropy
 from cotune.trial.kernels.layernorm import layer_norm
 from cotune.trial.kernels.mlp import linear_bias_gelu
@@ -46,7 +52,8 @@ def time_kernels(config: TrialConfig, device: torch.device, cache_path: Path | N
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
     keys = {kernel: {"kernel": kernel, "shape": shapes[kernel], "dtype": dtype_name,
                      "tiles": asdict(kernel_tiles(k, kernel)), "device": device_name,
-                     "triton": triton.__version__, "torch": torch.__version__} for kernel in k.selected()}
+                     "triton": triton.__version__, "torch": torch.__version__, "source": source_hash(kernel),
+                     "cotune": __version__} for kernel in k.selected()}
     texts = {kernel: json.dumps(key, sort_keys=True) for kernel, key in keys.items()}
     with _locked(cache_path) as cache:
         known = {kernel: cache[text] for kernel, text in texts.items() if text in cache}
@@ -61,6 +68,12 @@ def time_kernels(config: TrialConfig, device: torch.device, cache_path: Path | N
             cache.update({texts[kernel]: figure for kernel, figure in measured.items()})
     return [{**keys[kernel], **(known.get(kernel) or measured[kernel]), "cached": kernel in known}
             for kernel in keys]
+
+
+def source_hash(kernel: str) -> str:
+    """A short hash of the module that holds ``kernel``'s Triton code: an edited kernel is timed again."""
+    module = {"mlp": mlp_module, "cross_entropy": ce_module, "layernorm": ln_module}[kernel]
+    return hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()[:16]
 
 
 @dataclass
@@ -93,9 +106,11 @@ def workload(kernel: str, shape: dict[str, int], tiles: dict[str, int], dtype: t
     if kernel == "cross_entropy":
         N, V = shape["N"], shape["V"]
         y = torch.randint(0, V, (N,), generator=g).to(device)
-        # The kernel writes the logits' gradient over them (in training the logits are the loss's
-        # alone): each repeat then reads the previous gradient, which is the same work.
-        return Workload((rand(N, V), y), None, lambda logits, t: cross_entropy(logits, t, **tiles),
+        # As in training, the kernel writes the logits' gradient over them (there the logits are the
+        # loss's alone; here a view, so they are not a leaf): each repeat then reads the previous
+        # gradient, which is the same work.
+        return Workload((rand(N, V), y), None,
+                        lambda logits, t: cross_entropy(logits.view_as(logits), t, overwrite_logits=True, **tiles),
                         lambda logits, t: F.cross_entropy(logits.float(), t))
     if kernel == "layernorm":
         M, C = shape["M"], shape["C"]
