@@ -100,6 +100,8 @@ def search(
     runs_dir: Path = typer.Option(Path("cotune-runs"), help="Where each trial's folder (config, result, log) goes."),
     allow_mixed_hardware: bool = typer.Option(False, help="Let a study hold trials from different machines."),
     report: bool = typer.Option(False, "--report", help="Write the HTML report (reports/<study>.html) when the search ends."),
+    baseline: bool = typer.Option(True, "--baseline/--no-baseline",
+                                  help="Run the space's baseline: config as a new study's first trial (default)."),
 ) -> None:
     """Run real, measured training trials until the study holds BUDGET of them."""
     _quiet_optuna()
@@ -140,6 +142,12 @@ def search(
         world_size=world_size, workload=workload_info, data=_data_attrs(data_info), cache_dir=cache_dir,
     )
     opt_study = engine.open_study(open_storage(storage), name, settings)
+    if baseline:
+        why_not = engine.enqueue_baseline(opt_study, settings)
+        if not why_not:
+            console.print("trial 0 runs the space's baseline config, so the report measures every config against it")
+        elif search_space.baseline and "holds trials already" not in why_not:
+            console.print(f"the space's baseline is not run: {why_not}")
     stale = engine.fail_stale_trials(opt_study)
     if stale:
         console.print(f"closed {stale} trial(s) left running by an earlier search that was killed")

@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 from cotune import __version__, derive, hardware, memory
 from cotune.config import STATUSES, TrialConfig, TrialResult
 from cotune.errors import UserError
-from cotune.space import OBJECTIVES, SearchSpace
+from cotune.space import KNOBS, OBJECTIVES, Domain, SearchSpace
 from cotune.study import counted_trials, pareto_trials
 from cotune.workload import WorkloadInfo
 
@@ -183,6 +183,32 @@ def _describe(fp: dict[str, Any] | None) -> str:
     hw = fp["hardware"]
     gpus = ", ".join(g["name"] for g in hw["gpus"]) or "no GPU"
     return f"{hw['cpu_model']} x{hw['cpu_count']}, {gpus}"
+
+
+def enqueue_baseline(study: optuna.Study, settings: SearchSettings) -> str:
+    """Queue the space's ``baseline:`` as the next trial of a study that holds none, so every report measures
+    its speedup against it. Returns why it was not queued ('' when it was)."""
+    declared = settings.space.baseline
+    if not declared:
+        return "the space declares no baseline"
+    if study.get_trials(deepcopy=False):
+        return "the study holds trials already"
+    choices = study.user_attrs.get("precision_choices")
+    params = {}
+    for name, domain in settings.space.knobs.items():
+        if name == "precision" and choices is not None:
+            domain = Domain(choices=list(choices))
+        if domain.fixed or (KNOBS[name].tile_of and name not in declared):
+            continue  # fixed knobs are not Optuna parameters; tiles only where the baseline runs Triton
+        value = declared.get(name, derive.DEFAULTS.get(name))
+        inside = value in domain.choices if domain.choices is not None else (
+            value is not None and domain.low <= value <= domain.high)
+        if not inside:
+            return (f"its {name}={value!r} is outside the space's knobs.{name} "
+                    f"({domain.choices if domain.choices is not None else [domain.low, domain.high]})")
+        params[name] = value
+    study.enqueue_trial(params, user_attrs={"baseline": True})
+    return ""
 
 
 def fail_stale_trials(study: optuna.Study) -> int:

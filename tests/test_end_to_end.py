@@ -16,10 +16,16 @@ def test_search_budget_4_then_resume_trials_best_and_trial(tmp_path):
     result = run_cli("search", "--budget", "4", "--seed", "1", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Pareto set of cpu-tiny-gpt" in result.stdout
+    assert "trial 0 runs the space's baseline config" in result.stdout
 
     study = optuna.load_study(study_name="cpu-tiny-gpt", storage=f"sqlite:///{tmp_path / 'cotune.db'}")
     trials = study.get_trials()
     assert len(trials) == 4
+    from cotune.report import report_info
+
+    assert trials[0].user_attrs["baseline"] is True and report_info(study).baseline_trial in (0, None)
+    if trials[0].user_attrs["status"] == "ok":
+        assert report_info(study).baseline_trial == 0  # measured: every report shows the speedup over it
     ok = [t for t in trials if t.user_attrs["status"] == "ok"]
     assert len(ok) >= 3, [(t.user_attrs["status"], t.user_attrs["reason"]) for t in trials]
     for t in trials:

@@ -244,6 +244,27 @@ def test_a_rerun_with_the_same_seed_does_not_replay_the_first_trials(fingerprint
     assert search.sampler_seed(0, 0) == 0 and search.sampler_seed(None, 4) is None
 
 
+def test_the_baseline_is_a_new_studys_first_trial_and_the_report_measures_against_it(fingerprint, tmp_path):
+    from cotune.report import report_info
+
+    s = settings(fingerprint, tmp_path, budget=5)
+    study = open_study(tmp_path, s)
+    assert search.enqueue_baseline(study, s) == ""
+    search.run_search(study, s, fake_trial)
+    first = study.trials[0]
+    assert first.user_attrs["baseline"] is True
+    declared = s.space.baseline
+    assert {k: first.params[k] for k in declared if k in first.params} == {
+        k: v for k, v in declared.items() if k in first.params}
+    assert report_info(study).baseline_trial == 0  # the report's own test: every declared knob ran as declared
+    assert search.enqueue_baseline(study, s) == "the study holds trials already"
+    outside = s.space.model_copy(update={"baseline": {**declared, "learning_rate": 1.0}})
+    fresh = search.open_study(optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'other.db'}"), "o",
+                              settings(fingerprint, tmp_path, space=outside))
+    assert search.enqueue_baseline(fresh, settings(fingerprint, tmp_path, space=outside)).startswith(
+        "its learning_rate=1.0 is outside the space's knobs.learning_rate")
+
+
 def test_trials_left_running_by_a_killed_search_are_closed(fingerprint, tmp_path):
     import socket
     import subprocess
