@@ -62,13 +62,12 @@ def datasheet_peak(gpu_name: str, precision: str) -> tuple[float, str] | None:
     return None
 
 
-def peak_flops(device: str, precision: str, cache_dir: Path, *, at_least: float = 0.0) -> tuple[float, str]:
+def peak_flops(device: str, precision: str, cache_dir: Path) -> tuple[float, str]:
     """Peak FLOP/s of one device at ``precision``, and where the figure comes from.
 
-    Without a datasheet entry the figure is a matmul probe, cached on disk. A probe
-    taken while the machine was busy reads low, so the cache keeps the highest figure
-    ever measured, and a caller that has *achieved* more (``at_least``) makes it probe
-    again. Imports torch: call it from the trial side, or through :func:`study_peak_flops`.
+    Without a datasheet entry the figure is a matmul probe, cached on disk (a search takes it
+    once per study, see :func:`study_peak_flops`). Imports torch: call it from the trial side,
+    or through :func:`study_peak_flops`.
     """
     import torch
 
@@ -77,10 +76,9 @@ def peak_flops(device: str, precision: str, cache_dir: Path, *, at_least: float 
         if found:
             return found
     path = cache_dir / f"peak-flops-{_probe_key(device, precision)}.json"
-    cached = json.loads(path.read_text())["flops"] if path.exists() else 0.0
-    if cached and cached >= at_least:
-        return cached, "matmul probe (cached)"
-    flops = max(_matmul_probe(device, precision), cached)
+    if path.exists():
+        return json.loads(path.read_text())["flops"], "matmul probe (cached)"
+    flops = _matmul_probe(device, precision)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"flops": flops, "device": device, "precision": precision}))

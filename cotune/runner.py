@@ -11,6 +11,7 @@ Nothing here imports torch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -96,14 +97,20 @@ def run_trial(
 
 
 def _trial_env(config: TrialConfig) -> dict[str, str]:
-    """Our environment, with this cotune first on the path so the trial runs the same code as the search.
-
-    A CPU trial with Triton kernels runs them in Triton's interpreter (set before triton is imported).
-    """
-    env = dict(os.environ)
-    env["HF_HUB_OFFLINE"] = "1"  # a trial downloads nothing: a Hugging Face model or tokenizer is read from disk
+    """The trial's environment: :func:`child_env`; a CPU trial with Triton kernels runs them in
+    Triton's interpreter (set before triton is imported)."""
+    env = child_env()
     if config.run.device == "cpu" and config.kernels.selected():
         env["TRITON_INTERPRET"] = "1"
+    return env
+
+
+def child_env() -> dict[str, str]:
+    """Our environment for a child that runs cotune's trial side: this cotune first on the path, so
+    it runs the same code as the search, and the Hugging Face hub offline (nothing is downloaded;
+    a model or tokenizer is read from disk)."""
+    env = dict(os.environ)
+    env["HF_HUB_OFFLINE"] = "1"
     package_root = str(Path(__file__).resolve().parent.parent)
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     if package_root not in paths:
@@ -225,11 +232,9 @@ def _wait(proc: subprocess.Popen, deadline: float, seen: set[psutil.Process], sc
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return True
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):  # a slice ran out: scan, then wait again
             proc.wait(timeout=remaining if scan_every_s is None else min(scan_every_s, remaining))
             return False
-        except subprocess.TimeoutExpired:
-            pass
         if scan_every_s is not None:
             alive = {p for p in seen if _alive(p)}
             seen.clear()
@@ -263,10 +268,8 @@ def _end_tree(proc: subprocess.Popen, seen: set[psutil.Process], ours_before: se
     # Whatever came back to us meanwhile (torchrun's workers once its agent died) is ours to reap.
     for c in _children_of_self():
         if c.pid != proc.pid and c.pid not in ours_before:
-            try:
+            with contextlib.suppress(ChildProcessError):
                 os.waitpid(c.pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
 
 
 def kill_tree(
@@ -294,10 +297,9 @@ def kill_tree(
     # Whatever was started during the grace period is caught here, then nothing gets a choice.
     tree |= _tree(proc, tree)
     _signal_all(pgid, tree, signal.SIGKILL)
-    try:
+    # A process stuck in the kernel (uninterruptible I/O) outlasts this wait; Popen reaps it later.
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=_EXIT_WAIT_S)
-    except subprocess.TimeoutExpired:
-        pass  # stuck in the kernel (uninterruptible I/O); Popen reaps it later, nothing more to do
     deadline = time.monotonic() + _EXIT_WAIT_S
     while any(_alive(p) for p in tree) and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -342,24 +344,18 @@ def _group_members(pgid: int) -> set[psutil.Process]:
     """Processes in group ``pgid``, including ones reparented away from the tree (to init)."""
     members = set()
     for pid in psutil.pids():
-        try:
+        with contextlib.suppress(OSError, psutil.Error):  # a process that exited while we looked
             if os.getpgid(pid) == pgid:
                 members.add(psutil.Process(pid))
-        except (OSError, psutil.Error):
-            pass  # exited while we looked
     return {p for p in members if _alive(p)}
 
 
 def _signal_all(pgid: int, tree: Iterable[psutil.Process], sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is empty already
         os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass  # the group is empty already
     for p in tree:
-        try:
+        with contextlib.suppress(psutil.Error):  # gone already
             p.send_signal(sig)  # psutil checks the pid was not reused since we saw it
-        except psutil.Error:
-            pass
 
 
 def _alive(p: psutil.Process) -> bool:

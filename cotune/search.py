@@ -200,7 +200,8 @@ def enqueue_baseline(study: optuna.Study, settings: SearchSettings) -> str:
             domain = Domain(choices=list(choices))
         if domain.fixed or (KNOBS[name].tile_of and name not in declared):
             continue  # fixed knobs are not Optuna parameters; tiles only where the baseline runs Triton
-        value = declared.get(name, derive.DEFAULTS.get(name))
+        default = settings.world_size if name == "world_size" else derive.DEFAULTS.get(name)  # as derive fills it
+        value = declared.get(name, default)
         inside = value in domain.choices if domain.choices is not None else (
             value is not None and domain.low <= value <= domain.high)
         if not inside:

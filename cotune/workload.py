@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from cotune import __version__
+from cotune.config import KERNELS
 from cotune.errors import UserError
+from cotune.runner import child_env
 
 DESCRIBE_TIMEOUT_S = 600.0  # building an 8B model on the meta device takes seconds; importing a user's code may take more
-GPT_KERNELS = ("mlp", "cross_entropy", "layernorm")
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class WorkloadInfo:
     ffn_hidden: int | None = None
     n_params: int | None = None
     unsupported: dict[str, str] = field(default_factory=dict)  # knob -> why it cannot run ('' or absent: it can)
-    kernels: tuple[str, ...] = GPT_KERNELS  # Triton kernels that fit the model
+    kernels: tuple[str, ...] = KERNELS  # Triton kernels that fit the model (the built-in GPT: all)
     layers: str | None = None
     tp_plan: dict[str, str] | None = None
     notes: dict[str, Any] = field(default_factory=dict)  # family, architecture, layer class, ...
@@ -110,13 +111,9 @@ def _version(package: str) -> str:
 
 
 def _run_describe(request: dict[str, Any]) -> dict[str, Any]:
-    env = dict(os.environ)
-    package_root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join([package_root, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
-    env["HF_HUB_OFFLINE"] = "1"  # nothing is downloaded: a model not on disk is the user's to fetch
     try:
         done = subprocess.run([sys.executable, "-m", "cotune.trial.describe"], input=json.dumps(request),
-                              capture_output=True, text=True, timeout=DESCRIBE_TIMEOUT_S, env=env)
+                              capture_output=True, text=True, timeout=DESCRIBE_TIMEOUT_S, env=child_env())
     except subprocess.TimeoutExpired:
         raise UserError(f"workload {request['model']!r}: building it took longer than {DESCRIBE_TIMEOUT_S:g} s") from None
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]

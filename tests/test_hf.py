@@ -253,7 +253,7 @@ def test_masked_lm_batches_mask_fifteen_percent_and_never_a_special_token():
     tokens[::50] = 256  # end-of-text tokens
     masking = batches.Masking(mask_id=257, vocab_size=258, special_ids=(256, 257))
     starts = np.arange(0, 9000, 100)
-    x, y = batches.masked_lm(tokens, starts, 64, np.random.default_rng(0), masking)
+    x, y = batches.masked_lm(tokens, starts, 64, batches.mask_seeds(np.random.default_rng(0), len(starts)), masking)
     window = tokens[starts[:, None] + np.arange(64)].astype(np.int64)
     predicted = y != batches.IGNORE
     assert 0.12 < predicted.mean() < 0.18
@@ -262,8 +262,9 @@ def test_masked_lm_batches_mask_fifteen_percent_and_never_a_special_token():
     shown_as_mask = (x == 257) & predicted
     assert 0.7 < shown_as_mask.sum() / predicted.sum() < 0.9  # 80% masked, the rest random or kept
     assert (x[~predicted] == window[~predicted]).all()
-    again = batches.masked_lm(tokens, starts, 64, np.random.default_rng(0), masking)
-    assert (again[0] == x).all() and (again[1] == y).all()  # the same generator gives the same masks
+    again = batches.masked_lm(tokens, starts, 64, batches.mask_seeds(np.random.default_rng(0), len(starts)),
+                             masking)
+    assert (again[0] == x).all() and (again[1] == y).all()  # the same seeds give the same masks
 
 
 def test_a_field_the_config_folds_into_another_is_accepted():

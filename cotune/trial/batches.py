@@ -6,9 +6,9 @@
   10% unchanged. Targets are the original tokens there and ``IGNORE`` elsewhere, which
   PyTorch's cross-entropy skips, so the loss is the mean over predicted positions.
 
-Every draw comes from the generator passed in, for the whole global batch at once, so every
-rank of every layout sees the same masks; validation masks come from a fixed seed, so every
-trial of a study is scored on the same masked windows.
+Every rank draws the same per-window mask seeds for the whole global batch and builds its
+own windows only, so every layout sees the same masks; validation masks come from a fixed
+seed, so every trial of a study is scored on the same masked windows.
 """
 
 from __future__ import annotations
@@ -43,14 +43,23 @@ def causal_lm(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[np.
 
 
 def masked_lm(
-    tokens: np.ndarray, starts: np.ndarray, seq_len: int, rng: np.random.Generator, masking: Masking
+    tokens: np.ndarray, starts: np.ndarray, seq_len: int, seeds: np.ndarray, masking: Masking
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Masked inputs and targets (IGNORE where nothing is predicted), each (B, T) int64."""
+    """Masked inputs and targets (IGNORE where nothing is predicted), each (B, T) int64.
+
+    Window i's masks are drawn from its own generator, seeded with ``seeds[i]``: a rank draws
+    the seeds of the whole global batch (one integer per window) and builds only its own windows.
+    """
     w = tokens[starts[:, None] + np.arange(seq_len)].astype(np.int64)  # (B, T)
-    # Draw everything for every position, used or not, so the stream of draws does not depend on the data.
-    chosen = rng.random(w.shape) < masking.rate
-    action = rng.random(w.shape)
-    random_tokens = rng.integers(0, masking.vocab_size, size=w.shape)
+    chosen = np.empty(w.shape, dtype=bool)
+    action = np.empty(w.shape)
+    random_tokens = np.empty(w.shape, dtype=np.int64)
+    for i, seed in enumerate(seeds):
+        # Everything is drawn for every position, used or not, so the draws do not depend on the data.
+        rng = np.random.default_rng(int(seed))
+        chosen[i] = rng.random(seq_len) < masking.rate
+        action[i] = rng.random(seq_len)
+        random_tokens[i] = rng.integers(0, masking.vocab_size, size=seq_len)
     special = np.isin(w, np.asarray(masking.special_ids, dtype=np.int64))
     chosen &= ~special
     # A window with nothing to predict would make its loss 0/0: predict its first ordinary token instead.
@@ -62,3 +71,8 @@ def masked_lm(
     x[swap] = random_tokens[swap]
     y = np.where(chosen, w, IGNORE)
     return x, y
+
+
+def mask_seeds(rng: np.random.Generator, n: int) -> np.ndarray:
+    """One seed per window for :func:`masked_lm`, drawn from ``rng``."""
+    return rng.integers(0, 2**63 - 1, size=n, dtype=np.int64)

@@ -34,8 +34,8 @@ def describe(request: dict[str, Any]) -> dict[str, Any]:
 
         fields, objective = resolve_config(model, fields, eot_id=request.get("eot_id"), pad_id=request.get("pad_id"),
                                            **common)
-        shape = shape_of(hf_config(model_source(model), fields))
-        vocab = hf_config(model_source(model), fields).vocab_size
+        built = hf_config(model_source(model), fields)
+        shape, vocab = shape_of(built), built.vocab_size
         wl = WorkloadConfig(model=model, config=fields, objective=objective, **{**common, "vocab_size": vocab},
                             **shape)
     else:

@@ -66,11 +66,12 @@ class Trainer:
             else contextlib.nullcontext
         )
 
-    def batch(self, starts: np.ndarray, tokens: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """Inputs and targets, each (B, T) int64, for the windows starting at ``starts`` (the objective's)."""
+    def batch(self, starts: np.ndarray, tokens: np.ndarray, seeds: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Inputs and targets, each (B, T) int64, for the windows starting at ``starts`` (the objective's;
+        masked LM draws window i's masks from ``seeds[i]``)."""
         T = self.config.workload.seq_len
         if self.objective == "masked_lm":
-            return batches.masked_lm(tokens, starts, T, rng, self.masking)
+            return batches.masked_lm(tokens, starts, T, seeds, self.masking)
         return batches.causal_lm(tokens, starts, T)
 
     def to_device(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,23 +83,23 @@ class Trainer:
     def step_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's micro batches for one step.
 
-        The whole global batch (window starts, and masks) is drawn on every rank from the same
-        seeded generator, and each data-parallel rank takes its own contiguous slice, so any
-        layout trains on exactly the tokens one process would.
+        The whole global batch of window starts (and, for masked LM, one mask seed per window) is
+        drawn on every rank from the same seeded generator, and each data-parallel rank builds
+        only its own contiguous slice, so any layout trains on exactly the tokens one process would.
         """
         b, T = self.config.batch, self.config.workload.seq_len
         span = T + batches.window_tokens(self.objective)
         starts = self.rng.integers(0, len(self.tokens) - span + 1, size=b.global_batch_size)
-        x, y = self.batch(starts, self.tokens, self.rng)  # (global batch, T) each
+        seeds = batches.mask_seeds(self.rng, b.global_batch_size) if self.objective == "masked_lm" else None
         self.predicted: list[int] = []  # targets predicted in each micro batch (all of them for causal LM)
-        local = b.micro_batch_size * b.grad_accum_steps
-        lo = self.d.dp_index * local
+        lo = self.d.dp_index * b.micro_batch_size * b.grad_accum_steps
         out = []
         for k in range(b.grad_accum_steps):
             rows = slice(lo + k * b.micro_batch_size, lo + (k + 1) * b.micro_batch_size)
+            x, y = self.batch(starts[rows], self.tokens, None if seeds is None else seeds[rows])
             # Counted on the host, from numpy: reading it off the device would sync inside the timed step.
-            self.predicted.append(int((y[rows] != batches.IGNORE).sum()))
-            out.append(self.to_device(x[rows], y[rows]))
+            self.predicted.append(int((y != batches.IGNORE).sum()))
+            out.append(self.to_device(x, y))
         return out
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -175,7 +176,8 @@ class Trainer:
         """
         run, T = self.config.run, self.config.workload.seq_len
         starts = measure.eval_window_starts(len(val_tokens), T, run.eval_tokens, batches.window_tokens(self.objective))
-        x_all, y_all = self.batch(starts, val_tokens, np.random.default_rng(batches.EVAL_MASK_SEED))
+        seeds = batches.mask_seeds(np.random.default_rng(batches.EVAL_MASK_SEED), len(starts))
+        x_all, y_all = self.batch(starts, val_tokens, seeds)
         for m in self.par.modules:
             m.eval()
         total, count = 0.0, 0

@@ -26,7 +26,7 @@ from typing import Any
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from cotune.config import TRAINING_OBJECTIVES, WorkloadConfig
+from cotune.config import KERNELS, TRAINING_OBJECTIVES, WorkloadConfig
 from cotune.trial.model import GPT, GPTConfig
 
 TP_STYLES = ("colwise", "rowwise")  # torch's ColwiseParallel / RowwiseParallel on an nn.Linear
@@ -162,7 +162,7 @@ def build_gpt(cfg: WorkloadConfig) -> Workload:
                           n_embd=cfg.n_embd))
     return Workload(model=model, layers="blocks", tp_plan=dict(GPT_TP_PLAN), stage=gpt_stage,
                     tied=("wte.weight", "lm_head.weight"), sequence_plan=GPT_SEQUENCE_PLAN,
-                    kernels=("mlp", "cross_entropy", "layernorm"), n_params=model.n_params())
+                    kernels=KERNELS, n_params=model.n_params())
 
 
 def gpt_stage(model: nn.Module, first: int, end: int, has_embedding: bool, has_head: bool) -> nn.Module:

@@ -14,7 +14,6 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cotune.config import TrialConfig
