@@ -102,6 +102,8 @@ def search(
     report: bool = typer.Option(False, "--report", help="Write the HTML report (reports/<study>.html) when the search ends."),
     baseline: bool = typer.Option(True, "--baseline/--no-baseline",
                                   help="Run the space's baseline: config as a new study's first trial (default)."),
+    confirm: bool = typer.Option(False, "--confirm", help="When the search ends, rerun the Pareto configs and the "
+                                 "baseline with other seeds (as `cotune confirm` does), before any --report."),
 ) -> None:
     """Run real, measured training trials until the study holds BUDGET of them."""
     _quiet_optuna()
@@ -158,6 +160,8 @@ def search(
             f"raise --budget to add more (e.g. --budget {progress.done + 10})"
         )
         _print_pareto(opt_study, objective_names)
+        if confirm:
+            _confirm(opt_study, None, settings.runs_dir, cache_dir)
         if report:
             _write_report(opt_study, None)
         return
@@ -178,6 +182,8 @@ def search(
                           "run the same command again to resume")
         raise typer.Exit(130) from None
     _print_pareto(opt_study, objective_names)
+    if confirm:
+        _confirm(opt_study, None, settings.runs_dir, cache_dir)
     if report:
         _write_report(opt_study, None)
 
@@ -356,6 +362,126 @@ def _write_report(opt_study, output: Path | None, info=None) -> None:
     write_report(info, path)
     console.print(f"report written to {_short(path.resolve())} ({len(info.picks)} Pareto configs, "
                   f"{len(info.frame)} trials); open it in a browser, it needs no network")
+
+
+@app.command("confirm")
+def confirm_cmd(
+    repeats: int = typer.Option(3, min=1, help="Reruns per config, each with another training seed (the search's "
+                                "own run is not counted)."),
+    study: str | None = typer.Option(None, help="Study name (default: the storage's only study)."),
+    storage: str = typer.Option("sqlite:///cotune.db", help=STORAGE_HELP),
+    runs_dir: Path = typer.Option(Path("cotune-runs"), help="Where each rerun's folder goes "
+                                  "(<runs-dir>/<study>/confirm-<trial>-seed<seed>)."),
+    report: bool = typer.Option(False, "--report", help="Write the HTML report (reports/<study>.html) afterwards."),
+    allow_mixed_hardware: bool = typer.Option(False, help="Rerun on a machine other than the study's."),
+) -> None:
+    """Rerun the Pareto configs and the baseline with other seeds: mean and spread of each objective.
+
+    Reruns are stored in the study (not as trials: they spend no budget); a trial that holds
+    REPEATS of them already is not run again, so running this again only fills what is missing.
+    """
+    _quiet_optuna()
+    from cotune import hardware
+    from cotune.study import load
+
+    _check_storage_url(storage)
+    _check_database_exists(storage)
+    opt_study = load(storage, study)
+    with console.status("probing hardware"):
+        here = hardware.fingerprint()
+    there = opt_study.user_attrs.get("hardware_id")
+    if there and there != here["hardware_id"] and not allow_mixed_hardware:
+        raise UserError(f"study {opt_study.study_name!r} was recorded on other hardware ({there}) than this machine "
+                        f"({here['hardware_id']}), so its reruns would measure another machine; confirm it where it "
+                        "ran, or pass --allow-mixed-hardware")
+    from cotune.data import default_cache_dir
+
+    _confirm(opt_study, repeats, runs_dir / opt_study.study_name, default_cache_dir())
+    if report:
+        _write_report(opt_study, None)
+
+
+def _confirm(opt_study, repeats: int | None, runs_dir: Path, cache_dir: Path) -> None:
+    """Rerun the baseline and the Pareto configs (cotune.confirm), one line per rerun, then their means."""
+    from cotune import confirm as confirming
+    from cotune import runner
+
+    repeats = repeats or confirming.DEFAULT_REPEATS
+    found, skipped = confirming.targets(opt_study)
+    for why in skipped:
+        console.print(f"not confirmed: {why}", markup=False, highlight=False)
+    if not found:
+        console.print("nothing to confirm: the study has no ok baseline or Pareto trial yet")
+        return
+    todo = confirming.planned(opt_study, found, repeats)
+    listed = ", ".join(f"#{t.number} ({'+'.join(t.roles)})" for t in found)
+    if not todo:
+        console.print(f"confirmation runs: {listed} hold {repeats} reruns each already; nothing to run "
+                      f"(raise --repeats for more)")
+    else:
+        console.print(f"confirmation runs: {len(todo)} reruns of {listed}, up to {repeats} each, seeds the "
+                      f"original + {confirming.SEED_STRIDE}·k; folders in {_short(runs_dir.resolve())}")
+        _prepare_data(found[0].config.workload, cache_dir)
+
+    def run_fn(config, folder):
+        return runner.run_trial(config, folder, cache_dir=cache_dir, kernel_cache=runs_dir / "kernel-timings.json")
+
+    def on_done(r, run) -> None:
+        head = f"confirm [{r.index}/{r.total}] trial {r.target.number:>3} seed {r.seed:<6}"
+        if run["status"] == "ok":
+            console.print(f"{head} [green]ok[/]  {_num(run['tokens_per_second'], ',.0f')} tok/s  val loss "
+                          f"{_num(run['val_loss'], '.4f')}  peak {_num(run['peak_memory_bytes'], ',.0f', 2**20)}M  "
+                          f"({run['seconds']:.1f} s)")
+        else:
+            console.print(f"{head} [red]{run['status']}[/] {run['reason'][:160]}")
+
+    try:
+        confirming.confirm_study(opt_study, run_fn, runs_dir, repeats, on_done=on_done)
+    except KeyboardInterrupt:
+        err_console.print("interrupted: the running rerun was killed; finished reruns are kept, run "
+                          "`cotune confirm` again to add the missing ones")
+        raise typer.Exit(130) from None
+    _print_confirmed(opt_study, found)
+
+
+def _num(value, spec: str, scale: float = 1.0) -> str:
+    return "–" if value is None else format(value / scale, spec)
+
+
+def _print_confirmed(opt_study, found) -> None:
+    """Each confirmed trial's mean ± 95% interval, and its throughput over the baseline's."""
+    from rich.table import Table
+
+    from cotune import confirm as confirming
+
+    held = confirming.confirmations(opt_study)
+    stats = {t.number: confirming.summaries_of(held[t.number]) for t in found if t.number in held}
+    base = next((t.number for t in found if "baseline" in t.roles), None)
+    table = Table(title=f"confirmation runs of {opt_study.study_name}: mean ± 95% interval over the reruns "
+                        "(the search's own run not counted)", header_style="bold")
+    for header in ("#", "role", "n ok", "tokens/s", "val loss", "peak mem", "speedup vs baseline"):
+        table.add_column(header, justify="left" if header == "role" else "right")
+
+    def shown(s, spec: str, scale: float = 1.0) -> str:
+        if s.n == 0:
+            return "–"
+        mean = format(s.mean / scale, spec)
+        return mean if s.n < 2 else f"{mean} ± {format(s.half_width / scale, spec)}"
+
+    for t in found:
+        if t.number not in stats:
+            continue
+        s = stats[t.number]
+        runs = held[t.number]["runs"]
+        speedup = "–"
+        if base is not None and base in stats and t.number != base:
+            r = confirming.ratio_interval(s["tokens_per_second"], stats[base]["tokens_per_second"])
+            speedup = "–" if r.value != r.value else f"{r.value:.2f}×" + (
+                "" if r.low != r.low else f" ({r.low:.2f}–{r.high:.2f})")
+        table.add_row(str(t.number), "+".join(t.roles), f"{sum(r['status'] == 'ok' for r in runs)}/{len(runs)}",
+                      shown(s["tokens_per_second"], ",.0f"), shown(s["val_loss"], ".4f"),
+                      shown(s["peak_memory_bytes"], ",.0f", 2**20), speedup)
+    console.print(table)
 
 
 @app.command("trial")
