@@ -79,6 +79,7 @@ def pareto(info: ReportInfo) -> go.Figure | None:
         fig.add_scatter(x=[b["tokens_per_second"]], y=[b["val_loss"]], mode="markers", name="baseline",
                         marker=dict(symbol="diamond", size=13, color="#111827", line=dict(width=1.5, color="white")),
                         hovertext=[hover(info, info.baseline_trial)], hoverinfo="text")
+    _confirmed_points(fig, info)
     labels: dict[int, list[str]] = {}
     if info.knee is not None:
         labels.setdefault(info.knee, []).append("knee")
@@ -100,6 +101,44 @@ def pareto(info: ReportInfo) -> go.Figure | None:
                         hoverinfo="skip")
     return _layout(fig, 520, xaxis_title="throughput (tokens/s, higher is better)",
                    yaxis_title="validation loss (nats/token, lower is better)")
+
+
+def _confirmed_points(fig: go.Figure, info: ReportInfo) -> None:
+    """Each confirmed trial's mean over its reruns, with its 95% interval as error bars on both axes."""
+    c = info.confirmed
+    if c is None:
+        return
+    groups = (("baseline", [n for n in c.summaries if n == c.baseline], "#111827"),
+              ("Pareto", [n for n in c.summaries if n != c.baseline], ACCENT))
+    for what, numbers, colour in groups:
+        numbers = [n for n in numbers if c.summaries[n]["tokens_per_second"].n and c.summaries[n]["val_loss"].n]
+        if not numbers:
+            continue
+        s = [c.summaries[n] for n in numbers]
+        # A rerun count below two has no interval: no bar (None) rather than a bar of zero.
+        half = {m: [None if math.isnan(x[m].half_width) else x[m].half_width for x in s]
+                for m in ("tokens_per_second", "val_loss")}
+        fig.add_scatter(
+            x=[x["tokens_per_second"].mean for x in s], y=[x["val_loss"].mean for x in s], mode="markers",
+            name=f"{what} confirmed: mean ± {c.level:.0%} interval", meta="confirmed",
+            marker=dict(symbol="circle-open", size=11, color=colour, line=dict(width=2)),
+            error_x=dict(type="data", array=half["tokens_per_second"], color=colour, thickness=1.5, width=4),
+            error_y=dict(type="data", array=half["val_loss"], color=colour, thickness=1.5, width=4),
+            hovertext=[_confirmed_hover(info, n) for n in numbers], hoverinfo="text",
+        )
+
+
+def _confirmed_hover(info: ReportInfo, number: int) -> str:
+    c = info.confirmed
+    s = c.summaries[number]
+    seeds = ", ".join(str(r["seed"]) for r in c.runs[number] if r.get("status") == "ok")
+    row = info.frame.loc[number]
+    return "<br>".join([
+        f"<b>trial {number} confirmed</b>: {s['val_loss'].n} reruns (seeds {seeds})",
+        f"{text.mean_interval(s['tokens_per_second'], text.tokens)} tok/s · loss "
+        f"{text.mean_interval(s['val_loss'], text.loss)}",
+        f"its search run: {text.tokens(row['tokens_per_second'])} tok/s · loss {text.loss(row['val_loss'])}",
+    ])
 
 
 def convergence(info: ReportInfo) -> go.Figure | None:

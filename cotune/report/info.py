@@ -20,6 +20,7 @@ import pandas as pd
 from cotune.config import STATUSES
 from cotune.report import analysis
 from cotune.report.baseline import baseline_knobs, differences, is_baseline
+from cotune.report.confirmed import Confirmed, confirmed_info
 from cotune.report.frame import trials_frame
 from cotune.report.kernels import kernel_rows
 from cotune.space import OBJECTIVES
@@ -77,6 +78,7 @@ class ReportInfo:
     run: dict[str, Any]
     kernels: pd.DataFrame  # distinct Triton kernel timings (cotune.report.kernels), empty without any
     notes: dict[str, str] = field(default_factory=dict)  # section -> what is missing, and why
+    confirmed: Confirmed | None = None  # the confirmation runs (cotune confirm) of the picks and the baseline
 
     @property
     def ok(self) -> pd.DataFrame:
@@ -139,6 +141,8 @@ def report_info(study: optuna.Study) -> ReportInfo:
 
     picks, knee, extremes = _picks(frame, pareto_numbers, objectives, base, baseline_trial)
     notes["fp16"] = fp16_skip_note(frame)
+    confirmed, notes["confirm"] = confirmed_info(study, [int(n) for n in picks["number"]], baseline_trial,
+                                                 [o.metric for o in objectives])
     tunable = _tunable(ok)
     importances, notes["importance"] = _importances(study, objectives, tunable, len(ok))
     convergence = _convergence(frame, objectives)
@@ -157,7 +161,7 @@ def report_info(study: optuna.Study) -> ReportInfo:
         picks=picks, knee=knee, extremes=extremes, convergence=convergence, importances=importances,
         tunable=tunable, baseline=base, baseline_declared=declared, baseline_trial=baseline_trial,
         status_counts=counts, failures=failures, fingerprint=fingerprint, run=_run(study, frame, space),
-        kernels=kernel_rows(frame),
+        kernels=kernel_rows(frame), confirmed=confirmed,
         notes={k: v for k, v in notes.items() if v},
     )
 

@@ -115,6 +115,7 @@ def _pareto(info: ReportInfo, figs: dict) -> str:
                               "uses less memory while looking dominated in this throughput–loss view.", "info"))
     parts.append(note(info.notes.get("pareto", "")))
     parts.append(figure(figs["pareto"], "fig-pareto", ""))
+    parts.append(_noise(info))
     return section("pareto", "Pareto front: throughput against validation loss", "".join(parts))
 
 
@@ -201,11 +202,80 @@ def _pick(info: ReportInfo) -> str:
         classes.append("knee" if n == info.knee else "")
     numeric = {0, 2, 3, 4, 5, 6, 7} if measured else {0, 2, 3, 4, 5}
     parts.append(table(headers, rows, id="picks", sortable=True, numeric=numeric, row_classes=classes))
+    parts.append(_confirmed_table(info))
     sources = ", ".join(info.run.get("peak_flops_sources") or []) or "not recorded"
     parts.append(f"<p class=\"s\">MFU is model FLOPs per token × tokens/s ÷ peak FLOP/s; the peak here comes from: "
                  f"{e(sources)}. Memory: {e(', '.join(info.run.get('peak_memory_sources') or []) or 'not recorded')}."
                  "</p>")
     return section("pick", "What to pick: the Pareto configs", "".join(parts))
+
+
+def _noise(info: ReportInfo) -> str:
+    """Next to the front: how large the seed-to-seed noise is (the confirmation runs), or how to measure it."""
+    c = info.confirmed
+    if c is None:
+        return note(info.notes.get("confirm", ""), "info") if not info.ok.empty else ""
+    parts = [f"<p>Open circles with error bars are the confirmation runs (<code>cotune confirm</code>): a config's "
+             f"mean over its reruns with other training seeds, and the {c.level:.0%} interval of that mean "
+             "(Student t, n − 1 degrees of freedom). The search's own run of a config is not counted: it was put "
+             "on the front for looking good, which would pull the mean toward luck.</p>"]
+    base = c.summaries.get(c.baseline) if c.baseline is not None else None
+    if base is not None and base["val_loss"].n >= 2:
+        loss = base["val_loss"]
+        parts.append(note(f"Seed-to-seed spread of the baseline's validation loss: standard deviation {loss.std:.4f} "
+                          f"over {loss.n} seeds (mean {text.mean_interval(loss, text.loss)}). Loss differences "
+                          "between single runs of about this size are noise, not the config.", "verdict"))
+    elif c.baseline is None:
+        parts.append(note("The baseline has no confirmation runs, so its seed-to-seed loss spread and the speedup "
+                          "intervals are not shown; run `cotune confirm` to add them."))
+    confirmed_picks = [n for n in info.picks["number"] if n in c.summaries]
+    objectives = " and ".join(o.label for o in info.objectives)
+    if c.same_within_noise:
+        listed = "; ".join(f"#{a} and #{b}" for a, b in c.same_within_noise)
+        parts.append(note(f"Pareto configs indistinguishable within noise (their {c.level:.0%} intervals overlap on "
+                          f"{objectives}): {listed}. Pick between them on other grounds.", "verdict"))
+    elif len(confirmed_picks) > 1:
+        parts.append(note(f"No two confirmed Pareto configs have {c.level:.0%} intervals that overlap on every "
+                          f"objective ({objectives}): each differs from the others beyond the noise measured.",
+                          "info"))
+    parts.append(note(info.notes.get("confirm", "")))
+    return "".join(parts)
+
+
+def _confirmed_table(info: ReportInfo) -> str:
+    """The confirmation runs of the baseline and the Pareto configs: mean ± interval and the speedup's interval."""
+    c = info.confirmed
+    if c is None:
+        return ""
+    order = [*([c.baseline] if c.baseline is not None else []),
+             *[n for n in info.picks["number"] if n in c.summaries and n != c.baseline]]
+    rows = []
+    for n in order:
+        s, runs = c.summaries[n], c.runs[n]
+        ok = [r for r in runs if r.get("status") == "ok"]
+        role = "baseline" if n == c.baseline else "knee" if n == info.knee else ""
+        tags = f'<span class="pill{" knee" if role == "knee" else ""}">{e(role)}</span>' if role else ""
+        failed = "; ".join(f"seed {r['seed']}: {r['status']} ({r.get('reason') or 'no reason recorded'})"
+                           for r in c.failed(n)) or "none"
+        speedup = c.speedups.get(n)
+        shown = "reference" if n == c.baseline else text.ratio_interval(speedup) if speedup is not None else "–"
+        rows.append([
+            cell(f"#{n}", n, numeric=True), cell(tags, raw=True),
+            cell(f"{len(ok)}/{len(runs)}", len(ok), numeric=True),
+            cell(", ".join(str(r["seed"]) for r in runs)),
+            *[cell(text.mean_interval(s[m], f), s[m].mean, numeric=True)
+              for m, f in (("tokens_per_second", text.tokens), ("val_loss", text.loss),
+                           ("peak_memory_bytes", text.mib))],
+            cell(shown, speedup.value if speedup is not None else None, numeric=True), cell(failed, cls="why"),
+        ])
+    head = (f"<h3>Confirmed with other seeds</h3><p>Each config rerun with training seeds the original + 1000·k: "
+            f"mean ± the half width of the {c.level:.0%} interval of the mean over the reruns that finished ok "
+            "(the search's own run not counted). The speedup is the baseline's mean throughput into the config's, "
+            "its interval from the delta method on the log of the ratio (Welch–Satterthwaite degrees of freedom): "
+            "an interval that holds 1.00× is not measurably faster than the baseline.</p>")
+    return head + table(["trial", "", "reruns ok", "seeds", "tokens/s", "val loss", "peak memory",
+                         "speedup vs baseline", "failed reruns"], rows, id="confirmed", sortable=True,
+                        numeric={0, 2, 4, 5, 6, 7})
 
 
 def _failed(info: ReportInfo) -> str:
@@ -318,8 +388,10 @@ def _depth(info: ReportInfo, figs: dict) -> str:
         figure(figs["loss"], "fig-loss", "No loss curves recorded for the Pareto configs."),
         "<h3>Step time: mean ± standard deviation</h3>",
         f"<p>Each trial's optimizer-step time over {e(steps)} (warm-up excluded), with one standard deviation "
-        "either side: the noise within one trial. Configs were not repeated, so the spread between runs of the "
-        "same config is not measured.</p>" if figs["steps"] is not None else "",
+        "either side: the noise within one trial. " + (
+            "Configs were not repeated, so the spread between runs of the same config is not measured here"
+            if info.confirmed is None else "The spread between runs of the same config with other seeds is in "
+            "What to pick (confirmation runs)") + ".</p>" if figs["steps"] is not None else "",
         figure(figs["steps"], "fig-steps", "No step times recorded."),
         "<h3>Where each Pareto trial's time went</h3>",
         figure(figs["phases"], "fig-phases", "No phase timings recorded for the Pareto configs."),

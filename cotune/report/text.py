@@ -37,6 +37,23 @@ def signed(value: Any) -> str:
     return "–" if missing(value) else f"{float(value):+.4f}"
 
 
+def mean_interval(summary: Any, shown: Any) -> str:
+    """A mean ± the half width of its interval (a ``cotune.confirm.Summary``), e.g. ``12,345 ± 678``, written
+    by ``shown`` (``tokens``, ``loss``, ``mib``); the mean alone when there is no interval."""
+    if not summary.n:
+        return "–"
+    if missing(summary.half_width):
+        return shown(summary.mean)
+    return f"{shown(summary.mean)} ± {shown(summary.half_width)}"
+
+
+def ratio_interval(r: Any) -> str:
+    """A ratio with its interval (a ``cotune.confirm.Ratio``), e.g. ``1.42× (1.30–1.55)``."""
+    if missing(r.value):
+        return "–"
+    return ratio(r.value) + ("" if missing(r.low) else f" ({float(r.low):.2f}–{float(r.high):.2f})")
+
+
 def seconds(value: Any) -> str:
     if missing(value):
         return "–"
