@@ -14,9 +14,11 @@ from pathlib import Path
 import optuna
 import pytest
 
+from cotune import confirm
 from cotune.report import report_info
 from cotune.report.render import write_report
 from cotune.study import distinct_configs, pareto_trials
+from tests.test_confirm import noisy_run, seeded_study
 from tests.test_report import always_failing, fake_study
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -65,6 +67,10 @@ def open_page(html: Path, screenshot: Path):
                 const front = fig ? fig.data.filter(t => t.meta === 'pareto') : [];
                 return {
                     pareto_points: front.length ? front[0].x.length : null,
+                    confirmed_points: fig ? fig.data.filter(t => t.meta === 'confirmed')
+                        .reduce((k, t) => k + t.x.length, 0) : 0,
+                    error_bars: fig ? fig.querySelectorAll('path.xerror, path.yerror').length : 0,
+                    confirmed_rows: document.querySelectorAll('#confirmed tbody tr').length,
                     pick_rows: document.querySelectorAll('#picks tbody tr').length,
                     failure_rows: document.querySelectorAll('#failures tbody tr').length,
                     plots: document.querySelectorAll('.js-plotly-plot').length,
@@ -96,6 +102,19 @@ def test_real_study_report_in_chromium(real_search, tmp_path):
     if "sorted_losses" in facts:
         assert facts["sorted_losses"] == sorted(facts["sorted_losses"])
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_confirmed_report_draws_error_bars_in_chromium(fingerprint, tmp_path):
+    study = seeded_study(tmp_path, fingerprint)
+    confirm.confirm_study(study, noisy_run, tmp_path / "runs", repeats=3)
+    info = report_info(study)
+    html = write_report(info, tmp_path / "confirmed.html")
+    facts, errors, requests = open_page(html, tmp_path / "confirmed.png")
+    assert errors == [] and requests == [html.as_uri()]
+    confirmed = len(info.confirmed.summaries)
+    assert confirmed >= 2 and facts["confirmed_points"] == confirmed and facts["confirmed_rows"] == confirmed
+    # Every confirmed point has an interval on both axes, so plotly draws two bars for each.
+    assert facts["error_bars"] == 2 * confirmed
 
 
 def test_report_with_nothing_ok_in_chromium(fingerprint, tmp_path):
