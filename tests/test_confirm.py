@@ -19,6 +19,7 @@ from cotune import confirm, search
 from cotune.config import TrialConfig, TrialResult
 from cotune.report import figures, report_info
 from cotune.report.render import render
+from cotune.report.summary import confirmed_lines
 from cotune.space import load_space
 from cotune.study import distinct_configs, pareto_trials
 from tests.conftest import CPU_SPACE, run_cli
@@ -167,6 +168,7 @@ def test_report_of_a_confirmed_study(tmp_path, fingerprint):
     study = seeded_study(tmp_path, fingerprint)
     before = report_info(study)
     assert before.confirmed is None and "cotune confirm" in before.notes["confirm"]
+    assert "cotune confirm" in confirmed_lines(before)[0]
     assert "cotune confirm" in render(before)
     confirm.confirm_study(study, noisy_run, tmp_path / "runs", repeats=3)
     info = report_info(study)
@@ -179,6 +181,9 @@ def test_report_of_a_confirmed_study(tmp_path, fingerprint):
         s, b = c.summaries[n]["tokens_per_second"], c.summaries[0]["tokens_per_second"]
         assert c.speedups[n].value == pytest.approx(s.mean / b.mean)
         assert c.speedups[n].low < c.speedups[n].value < c.speedups[n].high
+    lines = confirmed_lines(info)  # `cotune report --summary`
+    assert lines[0].startswith("confirmed speedup over baseline #0 (95% interval): #")
+    assert any(line.startswith("baseline val loss from seed to seed: std") for line in lines)
     html = render(info)
     assert "Confirmed with other seeds" in html and "Seed-to-seed spread of the baseline" in html
     assert re.search(r"\d\.\d\d× \(\d\.\d\d–\d\.\d\d\)", html)  # a speedup with its interval

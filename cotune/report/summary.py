@@ -45,7 +45,26 @@ def summary(info: ReportInfo) -> Group:
         lines.append(Text(f"convergence: {info.convergence.verdict}"))
     if "baseline" in info.notes:
         lines.append(Text(f"baseline: {info.notes['baseline']}"))
+    lines.extend(Text(line) for line in confirmed_lines(info))
     return Group(*lines)
+
+
+def confirmed_lines(info: ReportInfo) -> list[str]:
+    """The confirmation runs in a few lines: speedups with their intervals, the baseline's loss spread, ties."""
+    c = info.confirmed
+    if c is None:
+        return [] if info.ok.empty else ["noise: each config ran once; `cotune confirm` reruns the front and the "
+                                         "baseline with other seeds"]
+    out = []
+    if c.speedups:
+        out.append(f"confirmed speedup over baseline #{c.baseline} ({c.level:.0%} interval): " + ", ".join(
+            f"#{n} {text.ratio_interval(r)}" for n, r in c.speedups.items()))
+    if c.baseline is not None and c.summaries[c.baseline]["val_loss"].n >= 2:
+        loss = c.summaries[c.baseline]["val_loss"]
+        out.append(f"baseline val loss from seed to seed: std {loss.std:.4f} over {loss.n} seeds")
+    if c.same_within_noise:
+        out.append("indistinguishable within noise: " + "; ".join(f"#{a} and #{b}" for a, b in c.same_within_noise))
+    return out
 
 
 def print_summary(info: ReportInfo, console: Console) -> None:
