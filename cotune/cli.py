@@ -257,10 +257,11 @@ def _run_with_progress(opt_study, settings, run_fn) -> None:
 
 
 def _stats(p) -> str:
-    from cotune.display import OBJECTIVE_HEADERS, fmt
+    from cotune.display import fmt
+    from cotune.labels import label
 
     failed = ", ".join(f"{k} {v}" for k, v in p.by_status.items() if k != "ok" and v)
-    best = "  ".join(f"best {OBJECTIVE_HEADERS[k]} {fmt(v)}" for k, v in p.best.items())
+    best = "  ".join(f"best {label(k)} {fmt(v)}" for k, v in p.best.items())
     return f"ok {p.by_status.get('ok', 0)}" + (f" | failed: {failed}" if failed else "") + \
         f" | pareto {p.pareto_size} | {best}"
 

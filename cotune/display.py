@@ -7,26 +7,8 @@ from typing import Any
 from rich.table import Table
 
 from cotune.config import TrialConfig, TrialResult
+from cotune.labels import TABLE_METRICS, label
 from cotune.study import Row, differing_knobs, objective_value
-
-OBJECTIVE_HEADERS = {"tokens_per_second": "tokens/s", "val_loss": "val loss", "peak_memory": "peak mem"}
-KNOB_SHORT = {
-    "micro_batch_size": "micro",
-    "global_batch_size": "global",
-    "grad_accum_steps": "accum",
-    "learning_rate": "lr",
-    "warmup_fraction": "warmup",
-    "weight_decay": "wd",
-    "adam_beta1": "beta1",
-    "adam_beta2": "beta2",
-    "activation_checkpointing": "ckpt",
-    "precision": "prec",
-    "world_size": "world",
-    "sequence_parallel": "sp",
-    "pp_schedule": "sched",
-    "pp_microbatches": "mbs",
-    "pp_virtual_stages": "vst",
-}
 
 
 def fmt(value: Any) -> str:
@@ -62,17 +44,22 @@ def metric_cells(row: Row) -> list[str]:
     ]
 
 
+def knob_cell(row: Row, name: str) -> str:
+    """A knob's value in a table; "-" where the trial has none (it was never built)."""
+    return fmt(row.knobs[name]) if name in row.knobs else "-"
+
+
 def trials_table(table_rows: list[Row], title: str) -> Table:
     """All trials: status, metrics, the knobs that vary across the study, and why a trial failed."""
     varying = differing_knobs(table_rows)
     table = Table(title=title, header_style="bold")
-    for header in ("#", "status", "tokens/s", "val loss", "peak mem", "MFU"):
-        table.add_column(header, justify="right" if header not in ("status",) else "left")
-    for name in varying:
-        table.add_column(KNOB_SHORT.get(name, name), justify="right")
+    table.add_column("#", justify="right")
+    table.add_column("status", justify="left")
+    for name in (*TABLE_METRICS, *varying):
+        table.add_column(label(name), justify="right")
     for r in table_rows:
         style = None if r.status == "ok" else "dim"
-        table.add_row(str(r.number), r.status, *metric_cells(r), *(fmt(r.knobs.get(n)) for n in varying), style=style)
+        table.add_row(str(r.number), r.status, *metric_cells(r), *(knob_cell(r, n) for n in varying), style=style)
     return table
 
 
@@ -89,17 +76,17 @@ def pareto_table(table_rows: list[Row], title: str) -> tuple[Table, dict[str, An
     varying = differing_knobs(table_rows)
     shared = {k: v for k, v in (table_rows[0].knobs.items() if table_rows else []) if k not in varying}
     table = Table(title=title, header_style="bold")
-    for header in ("#", "tokens/s", "val loss", "peak mem", "MFU"):
+    for header in ("#", *(label(m) for m in TABLE_METRICS)):
         table.add_column(header, justify="right")
     for name in varying:
-        table.add_column(KNOB_SHORT.get(name, name), justify="right", style="bold cyan", header_style="bold cyan")
+        table.add_column(label(name), justify="right", style="bold cyan", header_style="bold cyan")
     for r in table_rows:
-        table.add_row(str(r.number), *metric_cells(r)[:4], *(fmt(r.knobs.get(n)) for n in varying))
+        table.add_row(str(r.number), *metric_cells(r)[:4], *(knob_cell(r, n) for n in varying))
     return table, shared
 
 
 def shared_line(shared: dict[str, Any]) -> str:
-    return "same in every row: " + ", ".join(f"{KNOB_SHORT.get(k, k)}={fmt(v)}" for k, v in shared.items())
+    return "same in every row: " + ", ".join(f"{label(k)}={fmt(v)}" for k, v in shared.items())
 
 
 def config_line(config: TrialConfig | None) -> str:

@@ -7,12 +7,13 @@ alone (and so do ``optuna.load_study`` and optuna-dashboard).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import optuna
 
-from cotune.config import STATUSES
+from cotune.config import STATUSES, TrialConfig
 from cotune.errors import UserError
 from cotune.space import OBJECTIVES
 
@@ -75,23 +76,56 @@ def distinct_configs(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.tria
     seen: set[str] = set()
     out = []
     for t in trials:
-        key = repr(sorted(_knobs(t).items()))
+        key = config_key(trial_knobs(t))
         if key not in seen:
             seen.add(key)
             out.append(t)
     return out
 
 
-def _knobs(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
-    config = trial.user_attrs.get("config")
-    if not config:
-        return dict(trial.params)
-    out: dict[str, Any] = {}
-    for section in ("batch", "parallel", "precision", "optimizer", "software"):
-        out.update(config.get(section, {}))
-    parallel = config.get("parallel", {})
-    out["world_size"] = parallel.get("dp", 1) * parallel.get("fsdp", 1) * parallel.get("tp", 1) * parallel.get("pp", 1)
-    return out
+def config_key(knobs: dict[str, Any]) -> str:
+    """One string per distinct knob setting: what makes two trials repeats of one config."""
+    return repr(sorted(knobs.items()))
+
+
+def trial_knobs(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """A trial's knob values as it ran, by knob name (``TrialConfig.flat``: kernels and world_size too).
+
+    Read from the config the trial recorded, never from ``trial.params`` (Optuna's parameter
+    names need not be knob names). A trial that was never built (infeasible before a config
+    existed) has only the knob values it was given; one whose config this cotune cannot read has none.
+    """
+    stored = trial.user_attrs.get("config")
+    if not stored:
+        return dict(trial.user_attrs.get("knobs") or {})
+    try:
+        config, _ = config_from_study(stored, trial.number)
+    except UserError:
+        return {}
+    return config.flat()
+
+
+def config_from_study(stored: dict[str, Any], number: int) -> tuple[TrialConfig, list[str]]:
+    """A trial's stored config; keys an older cotune did not write yet take today's defaults (and are listed)."""
+    data = {section: dict(values) if isinstance(values, dict) else values for section, values in stored.items()}
+    filled: list[str] = []
+    defaults = TrialConfig()
+    for field in dataclasses.fields(TrialConfig):
+        section = data.get(field.name)
+        if section is None:  # a whole section an older cotune did not have (kernels: all torch)
+            data[field.name] = dataclasses.asdict(getattr(defaults, field.name))
+            filled.append(field.name)
+            continue
+        if not isinstance(section, dict):
+            continue  # from_dict reports it
+        for name, value in dataclasses.asdict(getattr(defaults, field.name)).items():
+            if name not in section:
+                section[name] = value
+                filled.append(f"{field.name}.{name}")
+    try:
+        return TrialConfig.from_dict(data), filled
+    except (ValueError, TypeError) as e:
+        raise UserError(f"trial {number}: its stored config does not fit this version of cotune ({e})") from None
 
 
 @dataclass(frozen=True)
@@ -111,7 +145,7 @@ def rows(trials: list[optuna.trial.FrozenTrial]) -> list[Row]:
             number=t.number,
             status=t.user_attrs.get("status", t.state.name.lower()),
             metrics=dict(t.user_attrs.get("metrics", {})),
-            knobs=_knobs(t),
+            knobs=trial_knobs(t),
             reason=t.user_attrs.get("reason", ""),
         )
         for t in trials
@@ -119,11 +153,12 @@ def rows(trials: list[optuna.trial.FrozenTrial]) -> list[Row]:
 
 
 def differing_knobs(table: list[Row]) -> list[str]:
-    """Knobs whose value is not the same in every row, in a stable order."""
-    if not table:
-        return []
-    names = list(table[0].knobs)
-    return [n for n in names if len({repr(r.knobs.get(n)) for r in table}) > 1]
+    """Knobs that take more than one value across the rows that have them, in the order they first appear.
+
+    A row without a knob (a trial never built has only its sampled knobs) does not make it differ.
+    """
+    names = list(dict.fromkeys(n for r in table for n in r.knobs))
+    return [n for n in names if len({repr(r.knobs[n]) for r in table if n in r.knobs}) > 1]
 
 
 def objective_value(row: Row, objective: str) -> float | None:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import optuna
 import pytest
 
+from cotune.config import KernelConfig, OptimizerConfig, TrialConfig
+from cotune.report import report_info
+from cotune.study import rows
 from tests.conftest import CPU_SPACE, ROOT, run_cli
 
 BAD_SPACES = {
@@ -118,3 +122,62 @@ def test_spaces_lists_the_shipped_ones(tmp_path):
         assert name in result.stdout
     ok = run_cli("spaces", "--check", str(CPU_SPACE), cwd=tmp_path)
     assert ok.returncode == 0 and "valid space 'cpu-tiny-gpt'" in ok.stdout
+
+
+# Two ok trials, one with the MLP kernel in Triton, and one infeasible trial never built. Their Optuna parameter
+# names are not knob names (a layout parameter, a conditional name), and a parameter's value is not what ran.
+TRITON = TrialConfig(kernels=KernelConfig(mlp="triton", mlp_block_m=32), optimizer=OptimizerConfig(learning_rate=2e-3))
+TORCH = replace(TRITON, kernels=KernelConfig())
+NEVER_BUILT = {"micro_batch_size": 64, "global_batch_size": 32, "learning_rate": 1e-2}
+
+
+def _kernel_study(tmp_path) -> tuple[str, optuna.Study]:
+    storage = f"sqlite:///{tmp_path / 'cotune.db'}"
+    study = optuna.create_study(study_name="k", storage=storage, directions=["maximize", "minimize"])
+    study.set_user_attr("objectives", ["tokens_per_second", "val_loss"])
+    layout = optuna.distributions.CategoricalDistribution(["dp1", "tp2"])
+    micro = optuna.distributions.CategoricalDistribution([4, 8, 64])
+    for config, values, params in [(TRITON, [300.0, 3.0], {"layout": "tp2", "micro_batch_size|kernels=triton": 4}),
+                                   (TORCH, [200.0, 2.5], {"layout": "tp2", "micro_batch_size|kernels=torch": 4})]:
+        metrics = {"tokens_per_second": values[0], "val_loss": values[1], "peak_memory_bytes": 2**24}
+        study.add_trial(optuna.trial.create_trial(
+            values=values, params=params, distributions={k: layout if k == "layout" else micro for k in params},
+            user_attrs={"status": "ok", "config": config.to_dict(), "knobs": {}, "metrics": metrics}))
+    study.add_trial(optuna.trial.create_trial(
+        state=optuna.trial.TrialState.FAIL, params={"layout": "tp2"}, distributions={"layout": layout},
+        user_attrs={"status": "infeasible", "config": None, "knobs": NEVER_BUILT, "reason": "too big"}))
+    return storage, study
+
+
+def _table_line(output: str, number: int) -> str:
+    """The row of trial ``number`` in a rich table printed to ``output``."""
+    return next(line for line in output.splitlines() if [c.strip() for c in line.split("│")[1:2]] == [str(number)])
+
+
+def test_best_shows_the_kernel_knobs_a_trial_ran(tmp_path):
+    storage, _ = _kernel_study(tmp_path)
+    best = run_cli("best", "--storage", storage, cwd=tmp_path)
+    assert best.returncode == 0, best.stderr
+    header = next(line for line in best.stdout.splitlines() if "tokens/s" in line)
+    assert "mlp_kernel" in header and "mlp_block_m" in header, best.stdout
+    assert "triton" in _table_line(best.stdout, 0) and "32" in _table_line(best.stdout, 0)
+    assert "torch" in _table_line(best.stdout, 1) and "triton" not in _table_line(best.stdout, 1)
+    # What is the same in both rows is listed once, kernels included; no Optuna parameter name shows.
+    assert "cross_entropy_kernel=torch" in best.stdout and "micro=8" in best.stdout
+    assert "layout" not in best.stdout and "tp2" not in best.stdout
+
+
+def test_report_best_and_trials_agree_on_a_trials_knobs(tmp_path):
+    storage, study = _kernel_study(tmp_path)
+    trials = sorted(study.get_trials(), key=lambda t: t.number)
+    expected = [TRITON.flat(), TORCH.flat(), NEVER_BUILT]
+    assert expected[0]["mlp_kernel"] == "triton" and expected[0]["world_size"] == 1
+    frame = report_info(study).frame
+    assert [r.knobs for r in rows(trials)] == [frame.at[n, "effective"] for n in frame.index] == expected
+    listed = run_cli("trials", "--storage", storage, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    header = next(line for line in listed.stdout.splitlines() if "tokens/s" in line)
+    assert "mlp_kernel" in header and "micro" in header and "lr" in header, listed.stdout
+    assert "triton" in _table_line(listed.stdout, 0) and "triton" not in _table_line(listed.stdout, 1)
+    assert "64" in _table_line(listed.stdout, 2) and "0.01" in _table_line(listed.stdout, 2)
+    assert "layout" not in listed.stdout and "tp2" not in listed.stdout

@@ -48,6 +48,7 @@ from cotune.export import EXPORTERS, Exported, export
 from cotune.export.architecture import HF_DEFAULTS, gpt2_twin, setting
 from cotune.export.base import budget_steps, warmup_steps
 from cotune.export.pick import config_from_study, pick_trial
+from cotune.report import report_info
 from tests.conftest import ROOT, run_cli
 
 # --- configs covering every mapping: one process on CPU, and 8-GPU layouts ------------------------------------
@@ -980,14 +981,26 @@ def test_megatron_values(config_name, tmp_path):
 # --- picking a trial from a study --------------------------------------------------------------------------------
 
 
-def _study(tmp_path: Path, points: list[tuple[str, float, float, float]]) -> tuple[str, optuna.Study]:
-    """A study as `cotune search` records one: per trial (status, tokens/s, val_loss, peak memory)."""
+def _trial_config(i: int, runs: int | None = None) -> TrialConfig:
+    """Trial ``i`` of ``_study``: the cpu config with a learning rate of its own (that of trial ``runs``: a repeat
+    of that config) and seed ``i``."""
+    cpu = CONFIGS["cpu"]
+    lr = cpu.optimizer.learning_rate * (1 + (i if runs is None else runs) / 10)
+    return replace(cpu, optimizer=replace(cpu.optimizer, learning_rate=lr), run=replace(cpu.run, seed=i))
+
+
+def _study(
+    tmp_path: Path, points: list[tuple[str, float, float, float]], repeats: dict[int, int] | None = None
+) -> tuple[str, optuna.Study]:
+    """A study as `cotune search` records one: per trial (status, tokens/s, val_loss, peak memory).
+
+    Each trial runs a config of its own, except that trial i in ``repeats`` reruns trial ``repeats[i]``'s.
+    """
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.create_study(study_name="s", storage=storage, directions=["maximize", "minimize"])
     study.set_user_attr("objectives", ["tokens_per_second", "val_loss"])
-    config = CONFIGS["cpu"].to_dict()
     for i, (status, tps, loss, memory) in enumerate(points):
-        attrs = {"status": status, "config": {**config, "run": {**config["run"], "seed": i}},
+        attrs = {"status": status, "config": _trial_config(i, (repeats or {}).get(i)).to_dict(),
                  "metrics": {"tokens_per_second": tps, "val_loss": loss, "peak_memory_bytes": memory}}
         if status == "ok":
             study.add_trial(optuna.trial.create_trial(values=[tps, loss], user_attrs=attrs))
@@ -998,7 +1011,7 @@ def _study(tmp_path: Path, points: list[tuple[str, float, float, float]]) -> tup
 
 POINTS = [  # trial: (status, tokens/s, val_loss, peak memory)
     ("ok", 100.0, 3.0, 4e8),  # 0: fastest
-    ("ok", 90.0, 2.0, 3e8),   # 1: knee: normalised (0.11, 0.5) is nearest (0, 0)
+    ("ok", 90.0, 2.0, 3e8),   # 1: knee: normalised (0.11, 0.5), farthest below the line from 0 to 3
     ("ok", 50.0, 1.9, 1e8),   # 2: least memory on the front
     ("ok", 10.0, 1.0, 2e8),   # 3: lowest loss
     ("ok", 40.0, 2.5, 5e7),   # 4: dominated by 1 and 2, so off the front despite its memory
@@ -1011,7 +1024,34 @@ POINTS = [  # trial: (status, tokens/s, val_loss, peak memory)
 def test_pick(how, number, tmp_path):
     _, study = _study(tmp_path, POINTS)
     picked = pick_trial(study, how)
-    assert picked.number == number and picked.config.run.seed == number and picked.filled == []
+    assert picked.number == number and picked.config == _trial_config(number) and picked.filled == []
+
+
+# Fronts as (tokens/s, val loss), with x = (110 - tokens/s) / 100 and y = val loss - 1 each scaled to [0, 1]
+# over the front: the extremes are (0, 1) and (1, 0), and the chord between them is x + y = 1.
+BELOW_CHORD = [(110.0, 2.0), (105.0, 1.5), (80.0, 1.3), (10.0, 1.0)]  # (0.05, 0.5) is farthest below x + y = 1,
+# while (0.3, 0.3) is nearer the ideal (0, 0): the knee is the first, trial 1.
+BOTH_SIDES = [(110.0, 2.0), (100.0, 1.85), (50.0, 1.6), (10.0, 1.0)]  # (0.1, 0.85) below the chord, (0.6, 0.6)
+# above it yet nearer the ideal: the knee is the one below, trial 1.
+ABOVE_CHORD = [(110.0, 2.0), (80.0, 1.8), (50.0, 1.6), (10.0, 1.0)]  # a front that does not bend towards the ideal:
+# every point above the chord, so the knee is the one nearest the ideal, (0.6, 0.6), trial 2.
+
+
+@pytest.mark.parametrize("front, repeats, knee", [
+    (BELOW_CHORD, {}, 1), (BOTH_SIDES, {}, 1), (ABOVE_CHORD, {}, 2),
+    # Trial 4 reruns trial 3's config at (0.35, 0.18), which alone would be farthest below the chord; a config
+    # is one choice, the first trial that ran it, in the report and in export alike.
+    (BELOW_CHORD + [(75.0, 1.18)], {4: 3}, 1),
+])
+def test_report_and_export_agree_on_the_knee(front, repeats, knee, tmp_path):
+    _, study = _study(tmp_path, [("ok", tps, loss, 1e8) for tps, loss in front], repeats)
+    info = report_info(study)
+    picked = pick_trial(study, "knee")
+    assert info.knee == picked.number == knee
+    assert "knee" in info.picks.loc[knee, "tags"] and len(info.picks) == len(front) - len(repeats)
+    assert f"of the Pareto set of {len(info.picks)} configs" in picked.why
+    if repeats:
+        assert info.picks.loc[3, "repeats"] == 2 and 4 not in info.picks.index
 
 
 @pytest.mark.parametrize("how, message", [
@@ -1048,11 +1088,11 @@ def test_cli_exports_every_format_to_a_folder_and_warns_what_is_lost(tmp_path):
     for fmt in EXPORTERS:
         done = run_cli("export", "--format", fmt, "--storage", storage, "-o", str(tmp_path), cwd=tmp_path)
         assert done.returncode == 0, done.stderr
-        assert "trial 1, the knee of the Pareto set of 4 trials" in done.stderr
-        for item in export(CONFIGS["cpu"], fmt).unexpressed:
+        assert "trial 1, the knee of the Pareto set of 4 configs" in done.stderr
+        for item in export(_trial_config(1), fmt).unexpressed:
             assert f"warning: {fmt} cannot express {item}" in " ".join(done.stderr.split())
     written = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("s-trial-0001-"))
-    assert written == sorted(f"s-trial-0001-{f}{export(CONFIGS['cpu'], f).suffix}" for f in EXPORTERS)
+    assert written == sorted(f"s-trial-0001-{f}{export(_trial_config(1), f).suffix}" for f in EXPORTERS)
     stdout = run_cli("export", "--format", "hf", "--pick", "fastest", "--storage", storage, cwd=tmp_path)
     assert stdout.returncode == 0 and json.loads(stdout.stdout)["seed"] == 0
 

@@ -11,7 +11,6 @@ import math
 from typing import Any
 
 from cotune.derive import build_config
-from cotune.report.frame import flat_knobs
 from cotune.space import SearchSpace
 
 # Computed from the knobs: equal whenever the knobs are, and not something a user sets.
@@ -43,7 +42,7 @@ def baseline_knobs(space: dict[str, Any], world_size: int, vocab_size: int) -> t
         config = None
     if config is None:
         return values, list(declared)
-    return flat_knobs(config.to_dict()), list(declared)
+    return config.flat(), list(declared)
 
 
 def same_value(a: Any, b: Any) -> bool:

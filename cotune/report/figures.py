@@ -14,8 +14,9 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from cotune.display import fmt
+from cotune.labels import BEST_LABELS, label
 from cotune.report import text
-from cotune.report.info import EXTREME_LABELS, ReportInfo
+from cotune.report.info import ReportInfo
 
 FONT = "system-ui, -apple-system, Segoe UI, Roboto, Helvetica, Arial, sans-serif"
 ACCENT = "#2563eb"
@@ -84,7 +85,7 @@ def pareto(info: ReportInfo) -> go.Figure | None:
     if info.knee is not None:
         labels.setdefault(info.knee, []).append("knee")
     for name, number in info.extremes.items():
-        labels.setdefault(number, []).append(EXTREME_LABELS[name] if len(info.objectives) > 1 else "best")
+        labels.setdefault(number, []).append(BEST_LABELS[name] if len(info.objectives) > 1 else "best")
     for k, (number, words) in enumerate(labels.items()):
         row = info.frame.loc[number]
         is_knee = number == info.knee
@@ -196,18 +197,18 @@ def parallel(info: ReportInfo) -> go.Figure | None:
         return None
     knobs = pd.DataFrame(list(ok["effective"]), index=ok.index)
     dims = [_dimension(n, knobs[n], n in info.run.get("log_knobs", [])) for n in info.tunable]
-    columns = [("tokens_per_second", "tokens/s"), ("val_loss", "val loss")]
+    columns = [("tokens_per_second", label("tokens_per_second")), ("val_loss", label("val_loss"))]
     if ok["peak_memory_bytes"].notna().all():
         columns.append(("peak_memory_bytes", "peak MiB"))
-    for column, label in columns:
+    for column, title in columns:
         values = ok[column] / (2**20 if column == "peak_memory_bytes" else 1)
         if values.notna().all():
-            dims.append(dict(label=label, values=values))
+            dims.append(dict(label=title, values=values))
     colour = ok["val_loss"] if ok["val_loss"].notna().all() else ok["tokens_per_second"]
     fig = go.Figure(go.Parcoords(
         dimensions=dims, labelangle=-20, labelside="top",
         line=dict(color=colour, colorscale="Viridis_r", showscale=True,
-                  colorbar=dict(title=dict(text="val loss", side="right"), thickness=14)),
+                  colorbar=dict(title=dict(text=label("val_loss"), side="right"), thickness=14)),
     ))
     return _layout(fig, 440, margin=dict(l=60, r=60, t=90, b=30))
 

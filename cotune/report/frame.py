@@ -14,8 +14,8 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from cotune.config import KERNELS
 from cotune.space import OBJECTIVES
+from cotune.study import trial_knobs
 
 # Metrics a trial records that the report reads; any may be missing (NaN).
 METRIC_COLUMNS = (
@@ -47,8 +47,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
 
     Columns: ``number``, ``status``, ``ok`` (told with objective values), the
     ``METRIC_COLUMNS`` (floats, NaN when not recorded), ``knobs`` (the sampled knob
-    values), ``effective`` (the knob values the trial ran, after derivation, e.g.
-    ``grad_accum_steps``), ``config``, ``loss_curve``, ``phase_seconds``,
+    values, as recorded), ``effective`` (the knob values the trial ran, after derivation, e.g.
+    ``grad_accum_steps``: ``cotune.study.trial_knobs``), ``config``, ``loss_curve``, ``phase_seconds``,
     ``profile_top_ops``, ``kernel_timings``, ``reason``, ``error_tail``, ``hardware_id``, ``started``,
     ``duration_s``, ``peak_flops_source``, ``peak_memory_source``.
     """
@@ -69,9 +69,9 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             for objective, value in zip(study.user_attrs.get("objectives", []), t.values):
                 record[OBJECTIVES[objective][0]] = float(value)
         record.update(
-            knobs=dict(a.get("knobs") or t.params),
-            # A trial that was never built has no config: its sampled knobs are all there is.
-            effective=flat_knobs(a["config"]) if a.get("config") else dict(a.get("knobs") or t.params),
+            knobs=dict(a.get("knobs") or {}),
+            # As `cotune best` and `cotune trials` show them; a trial never built has its sampled knobs only.
+            effective=trial_knobs(t),
             config=a.get("config"),
             loss_curve=list(a.get("loss_curve") or []),
             phase_seconds=dict(a.get("phase_seconds") or {}),
@@ -99,18 +99,3 @@ def config_sections(config: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
         return {}
     return {s: dict(config[s]) for s in CONFIG_SECTIONS if s in config}
 
-
-def flat_knobs(config: dict[str, Any]) -> dict[str, Any]:
-    """A TrialConfig dict's knob values as run, in one mapping, with the world size they multiply to.
-
-    Read from the dict rather than ``TrialConfig.from_dict``, so a config recorded by an
-    older cotune (with fewer fields) still reads.
-    """
-    out: dict[str, Any] = {}
-    for section, values in config_sections(config).items():
-        if section == "kernels":  # the kernel choices by their knob names (mlp -> mlp_kernel), as TrialConfig.flat
-            values = {f"{k}_kernel" if k in KERNELS else k: v for k, v in values.items()}
-        out.update(values)
-    p = config.get("parallel") or {}
-    out["world_size"] = p.get("dp", 1) * p.get("fsdp", 1) * p.get("tp", 1) * p.get("pp", 1)
-    return out

@@ -18,16 +18,16 @@ import optuna
 import pandas as pd
 
 from cotune.config import STATUSES
+from cotune.labels import BEST_LABELS, label
 from cotune.report import analysis
 from cotune.report.baseline import baseline_knobs, differences, is_baseline
 from cotune.report.confirmed import Confirmed, confirmed_info
 from cotune.report.frame import trials_frame
+from cotune.report.front import knee_trial, pareto_configs
 from cotune.report.kernels import kernel_rows
 from cotune.space import OBJECTIVES
-from cotune.study import objectives_of, pareto_trials
+from cotune.study import config_key, objectives_of, pareto_trials
 
-LABELS = {"tokens_per_second": "tokens/s", "val_loss": "val loss", "peak_memory": "peak memory"}
-EXTREME_LABELS = {"tokens_per_second": "fastest", "val_loss": "lowest loss", "peak_memory": "least memory"}
 # Below this many ok trials an importance estimate is noise; say so instead of drawing it.
 MIN_TRIALS_FOR_IMPORTANCE = 10
 # Hypervolume growth over the last quarter of the trials below which the front counts as flat.
@@ -92,7 +92,7 @@ def _objectives(study: optuna.Study) -> list[Objective]:
     names = objectives_of(study)
     if len(names) != len(study.directions):  # a plain Optuna study: name its objectives by position
         names = list(OBJECTIVES)[: len(study.directions)]
-    return [Objective(n, OBJECTIVES[n][0], OBJECTIVES[n][1], LABELS[n]) for n in names]
+    return [Objective(n, OBJECTIVES[n][0], OBJECTIVES[n][1], label(n)) for n in names]
 
 
 FP16_SKIP_SHARE = 0.05  # above this share of skipped steps an fp16 trial is flagged
@@ -139,7 +139,11 @@ def report_info(study: optuna.Study) -> ReportInfo:
                              "No trial ran exactly the space's baseline config, so the speedup over it is not "
                              "measured and not shown; the knobs each pick changes from the baseline are listed.")
 
-    picks, knee, extremes = _picks(frame, pareto_numbers, objectives, base, baseline_trial)
+    configs = pareto_configs(study)
+    # The same knee `cotune export --pick knee` writes (cotune.report.front); one objective has none.
+    knee = knee_trial(configs, study.directions).number if configs and len(objectives) > 1 else None
+    picks, extremes = _picks(frame, pareto_numbers, [t.number for t in configs], knee, objectives, base,
+                             baseline_trial)
     notes["fp16"] = fp16_skip_note(frame)
     confirmed, notes["confirm"] = confirmed_info(study, [int(n) for n in picks["number"]], baseline_trial,
                                                  [o.metric for o in objectives])
@@ -177,29 +181,27 @@ def _world_and_vocab(frame: pd.DataFrame, space: dict[str, Any], fingerprint: di
 
 
 def _picks(
-    frame: pd.DataFrame, pareto_numbers: list[int], objectives: list[Objective], base: dict[str, Any],
-    baseline_trial: int | None,
-) -> tuple[pd.DataFrame, int | None, dict[str, int]]:
-    """One row per distinct Pareto config, with its tags, speedup and knobs changed from the baseline."""
+    frame: pd.DataFrame, pareto_numbers: list[int], config_numbers: list[int], knee: int | None,
+    objectives: list[Objective], base: dict[str, Any], baseline_trial: int | None,
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """One row per distinct Pareto config (``config_numbers``), with its tags, speedup and knobs changed from the
+    baseline; and the trial with the best value of each objective among them."""
     columns = ["number", "tokens_per_second", "val_loss", "peak_memory_bytes", "mfu", "speedup", "loss_delta",
                "memory_ratio", "differs", "tags", "repeats"]
-    front = frame.loc[pareto_numbers]
-    if front.empty:
-        return pd.DataFrame(columns=columns), None, {}
+    if not config_numbers:
+        return pd.DataFrame(columns=columns), {}
     # Repeats of one config (same knob values) are one pick, shown once with a count.
-    keys = front["effective"].map(lambda k: repr(sorted(k.items())))
-    repeats = keys.map(keys.value_counts())
-    distinct = front.loc[~keys.duplicated()].copy()
-    distinct["repeats"] = repeats[~keys.duplicated()]
+    counts = frame.loc[pareto_numbers, "effective"].map(config_key).value_counts()
+    distinct = frame.loc[config_numbers].copy()
+    distinct["repeats"] = distinct["effective"].map(lambda k: int(counts.get(config_key(k), 1)))
     values = analysis.as_minimised(distinct[[o.metric for o in objectives]].to_numpy(),
                                    [o.direction for o in objectives])
     extremes = {o.name: int(distinct.index[np.argmin(values[:, i])]) for i, o in enumerate(objectives)}
-    knee = int(distinct.index[analysis.knee(values)]) if len(objectives) > 1 else None
     tags: dict[int, list[str]] = {n: [] for n in distinct.index}
     if knee is not None:
         tags[knee].append("knee")
     for o in objectives:
-        tags[extremes[o.name]].append(EXTREME_LABELS[o.name] if len(objectives) > 1 else "best")
+        tags[extremes[o.name]].append(BEST_LABELS[o.name] if len(objectives) > 1 else "best")
     distinct["tags"] = [tags[n] for n in distinct.index]
     distinct["differs"] = distinct["effective"].map(lambda k: differences(k, base))
     if baseline_trial is not None:
@@ -211,7 +213,7 @@ def _picks(
         distinct["speedup"] = distinct["loss_delta"] = distinct["memory_ratio"] = np.nan
     # Fastest first: along a front, each row gives up throughput for lower loss.
     distinct = distinct.sort_values("tokens_per_second", ascending=False, kind="stable")
-    return distinct[columns], knee, extremes
+    return distinct[columns], extremes
 
 
 def _tunable(ok: pd.DataFrame) -> list[str]:

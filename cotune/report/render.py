@@ -13,6 +13,7 @@ from plotly.offline import get_plotlyjs, get_plotlyjs_version
 
 from cotune.display import fmt
 from cotune.errors import UserError
+from cotune.labels import TABLE_METRICS, label
 from cotune.report import figures, text
 from cotune.report.baseline import differences
 from cotune.report.info import ReportInfo
@@ -181,7 +182,7 @@ def _pick(info: ReportInfo) -> str:
                  "header to sort. The knee row is highlighted.</p>" if len(info.objectives) > 1 else
                  "<p>The best config of this single-objective study.</p>")
     measured = info.baseline_trial is not None  # without a measured baseline there is no speedup to show
-    headers = ["trial", "", "tokens/s", "val loss", "peak memory", "MFU",
+    headers = ["trial", "", *(label(m) for m in TABLE_METRICS),
                *(["speedup vs baseline", "Δ loss vs baseline"] if measured else []), "changed from baseline"]
     rows, classes = [], []
     for n, p in info.picks.iterrows():

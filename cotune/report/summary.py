@@ -7,6 +7,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from cotune.labels import TABLE_METRICS, label
 from cotune.report import text
 from cotune.report.info import ReportInfo
 
@@ -16,7 +17,7 @@ def summary_table(info: ReportInfo) -> Table:
     measured = info.baseline_trial is not None
     names = ", ".join(o.label for o in info.objectives)
     table = Table(title=f"Pareto set of {info.study_name}: {len(info.picks)} configs ({names})", header_style="bold")
-    for header in ("#", "", "tokens/s", "val loss", "peak mem", "MFU"):
+    for header in ("#", "", *(label(m) for m in TABLE_METRICS)):
         table.add_column(header, justify="left" if header == "" else "right")
     if measured:
         table.add_column(f"speedup vs #{info.baseline_trial}", justify="right")

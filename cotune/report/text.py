@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from cotune.display import KNOB_SHORT, fmt
+from cotune.display import fmt
+from cotune.labels import label
 from cotune.report.frame import config_sections
 
 
@@ -62,7 +63,7 @@ def seconds(value: Any) -> str:
 
 
 def knob(name: str) -> str:
-    return KNOB_SHORT.get(name, name)
+    return label(name)
 
 
 def change(name: str, before: Any, after: Any) -> str:
