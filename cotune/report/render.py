@@ -274,7 +274,7 @@ def _confirmed_table(info: ReportInfo) -> str:
             "(the search's own run not counted). The speedup is the baseline's mean throughput into the config's, "
             "its interval from the delta method on the log of the ratio (Welch–Satterthwaite degrees of freedom): "
             "an interval that holds 1.00× is not measurably faster than the baseline.</p>")
-    return head + table(["trial", "", "reruns ok", "seeds", "tokens/s", "val loss", "peak memory",
+    return head + table(["trial", "", "reruns ok", "seeds", *(label(m) for m in TABLE_METRICS[:3]),
                          "speedup vs baseline", "failed reruns"], rows, id="confirmed", sortable=True,
                         numeric={0, 2, 4, 5, 6, 7})
 
