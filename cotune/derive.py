@@ -1,17 +1,22 @@
 """From sampled knob values to a TrialConfig, and whether it may be launched.
 
-Dependent knobs are derived so that most infeasible configs cannot be expressed:
-the degrees are fitted to the world size (tp, then pp, then fsdp, each cut to a
-divisor of what is left) and ``dp = world_size / (fsdp * tp * pp)``; the micro batch
-is capped at the global batch per data-parallel rank and ``grad_accum_steps = global
-/ (micro * dp * fsdp)``; virtual pipeline stages exist only for the interleaved
-schedule. What cannot be made structural is a YAML constraint or a layout rule,
-checked here before launch.
+Optuna is asked only for values that can run, and what it records is exactly what ran:
+the parallel degrees are one ``layout`` choice among the layouts that tile the world
+size and that the model can take (``dp = world_size / (fsdp * tp * pp)``); the micro
+batch is a choice among the values that divide the global batch per data-parallel rank
+(``grad_accum_steps = global / (micro * dp * fsdp)``); pipeline knobs are asked only
+with a pipeline, sequence parallel only with tp, tiles only for a kernel in Triton.
+Where a valid set of choices depends on another knob, the parameter's name says on
+what (``layout|world_size=2``, ``micro_batch_size|rank_batch=16``): Optuna's
+conditional parameters. What cannot be made structural is a YAML constraint or a
+layout rule, checked here before launch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import re
 from dataclasses import replace
 from typing import Any
 
@@ -66,30 +71,166 @@ def allowed_domain(name: str, domain: Domain, native_precisions: list[str]) -> D
     return Domain(choices=[p for p in domain.choices or [] if p in native_precisions])
 
 
-def suggest(
-    trial: Any, space: SearchSpace, native_precisions: list[str], precision_choices: list[str] | None = None
-) -> dict[str, Any]:
-    """Ask an Optuna trial for every non-fixed knob; fixed knobs are taken as they are.
+# The parallel degrees a space may tune; Optuna sees them as one `layout` choice.
+DEGREES = ("fsdp", "tp", "pp")
+# Knobs that mean something only with a pipeline (asked only when pp > 1).
+PIPELINE_KNOBS = ("pp_schedule", "pp_microbatches", "pp_virtual_stages")
 
+
+def suggest(
+    trial: Any, space: SearchSpace, native_precisions: list[str], precision_choices: list[str] | None = None,
+    *, world_size: int = 1, workload: WorkloadInfo | None = None,
+) -> dict[str, Any]:
+    """Ask an Optuna trial for every knob that can vary here; fixed knobs are taken as they are.
+
+    Returns the knob values of the config to run (``fsdp``/``tp``/``pp`` decoded from the layout).
     Precision is asked for among the choices this hardware runs natively, or among
     ``precision_choices`` when the study fixed them (a study one machine created and others
     join: Optuna needs one domain per parameter; a value this machine cannot run is then
-    infeasible here, see :func:`precision_rule`). A kernel's tile knobs are conditional: asked
-    for only when that kernel runs in Triton, so a trial in torch does not carry tile values
-    that meant nothing to it.
+    infeasible here, see :func:`precision_rule`). ``world_size`` is the processes the hardware
+    gives a trial (the ``world_size`` knob, where the space tunes it, picks up to that);
+    ``workload`` (what the search learnt of the model) rules out layouts the model cannot take.
     """
     values: dict[str, Any] = {}
-    plain = [n for n in space.knobs if KNOBS[n].tile_of is None]
-    for name in plain:
-        domain = allowed_domain(name, space.knobs[name], native_precisions)
-        if name == "precision" and precision_choices is not None:
-            domain = Domain(choices=list(precision_choices))
-        values[name] = _suggest_one(trial, name, domain)
+    conditional = {"micro_batch_size", "sequence_parallel", *DEGREES, *PIPELINE_KNOBS}
+    for name in space.knobs:
+        if KNOBS[name].tile_of is None and name not in conditional:
+            domain = allowed_domain(name, space.knobs[name], native_precisions)
+            if name == "precision" and precision_choices is not None:
+                domain = Domain(choices=list(precision_choices))
+            values[name] = _suggest_one(trial, name, domain)
+
+    world = values.get("world_size", world_size)
+    fixed_world = "world_size" not in space.knobs or space.knobs["world_size"].fixed
+    layouts = [layout_name(world // (f * t * p), f, t, p) for f, t, p in valid_layouts(space, world, workload)]
+    if not layouts:  # nothing tiles this world: the smallest degrees, which the layout rule then rejects
+        layouts = [layout_name(0, *(min(_integers(space.knobs.get(n), DEFAULTS[n])) for n in DEGREES))]
+    name = "layout" if fixed_world else f"layout|world_size={world}"
+    layout = layouts[0] if len(layouts) == 1 else trial.suggest_categorical(name, layouts)
+    degrees = parse_layout(layout)
+    values.update({n: degrees[n] for n in DEGREES if n in space.knobs})
+
+    if "micro_batch_size" in space.knobs:
+        ranks = world // (degrees["tp"] * degrees["pp"])  # dp * fsdp: the ranks a global batch is split over
+        global_batch = values.get("global_batch_size", DEFAULTS["global_batch_size"])
+        rank_batch = global_batch // ranks if ranks and global_batch % ranks == 0 else 0
+        domain = space.knobs["micro_batch_size"]
+        fits = [m for m in _integers(domain, DEFAULTS["micro_batch_size"]) if rank_batch and rank_batch % m == 0]
+        values["micro_batch_size"] = _suggest_one(
+            trial, f"micro_batch_size|rank_batch={rank_batch}",
+            Domain(choices=fits) if fits else Domain(choices=[min(domain.values())]))
+
+    if degrees["tp"] > 1 and "sequence_parallel" in space.knobs:
+        values["sequence_parallel"] = _suggest_one(trial, "sequence_parallel", space.knobs["sequence_parallel"])
+    if degrees["pp"] > 1:
+        for name in ("pp_schedule", "pp_microbatches"):
+            if name in space.knobs:
+                values[name] = _suggest_one(trial, name, space.knobs[name])
+        schedule = values.get("pp_schedule", DEFAULTS["pp_schedule"])
+        if schedule == "interleaved1f1b" and "pp_virtual_stages" in space.knobs:
+            domain = space.knobs["pp_virtual_stages"]  # interleaving needs at least two stages per rank
+            several = [v for v in domain.values() if v >= 2] if domain.choices is not None else []
+            if domain.choices is None and domain.high >= 2:
+                domain = Domain(low=max(2, domain.low), high=domain.high, log=domain.log, step=domain.step)
+            elif several:
+                domain = Domain(choices=several)
+            values["pp_virtual_stages"] = _suggest_one(trial, "pp_virtual_stages", domain)
+
     triton = {k for k, impl in kernel_choices(values).items() if impl == "triton"}
     for name in space.knobs:
         if KNOBS[name].tile_of in triton:
             values[name] = _suggest_one(trial, name, space.knobs[name])
     return values
+
+
+def valid_layouts(space: SearchSpace, world: int, workload: WorkloadInfo | None) -> list[tuple[int, int, int]]:
+    """(fsdp, tp, pp) from the space's domains that tile ``world`` and that the model can take."""
+    domains = [_integers(space.knobs.get(n), DEFAULTS[n]) for n in DEGREES]
+    return [(f, t, p) for f, t, p in itertools.product(*domains)
+            if world % (f * t * p) == 0 and not (workload and degree_problem(workload, t, p))]
+
+
+def degree_problem(workload: WorkloadInfo, tp: int, pp: int) -> str:
+    """Why the model cannot be split ``tp`` ways or into ``pp`` stages ('' if it can)."""
+    kv = workload.n_kv_head or workload.n_head
+    ffn = workload.ffn_hidden or 4 * workload.n_embd
+    if tp > 1 and (workload.reason("tp") or workload.n_head % tp or kv % tp or ffn % tp):
+        return workload.reason("tp") or f"n_head={workload.n_head}, n_kv_head={kv}, ffn_hidden={ffn} do not split {tp} ways"
+    if pp > 1 and (workload.reason("pp") or workload.n_layer % pp):
+        return workload.reason("pp") or f"n_layer={workload.n_layer} does not split into {pp} stages"
+    return ""
+
+
+def layout_name(dp: int, fsdp: int, tp: int, pp: int) -> str:
+    """``dp2``, ``fsdp2xtp2``, ...: the degrees above one, joined by ``x`` (one process: ``dp1``)."""
+    parts = [f"{n}{d}" for n, d in (("dp", dp), ("fsdp", fsdp), ("tp", tp), ("pp", pp)) if d != 1]
+    return "x".join(parts) or "dp1"
+
+
+def parse_layout(name: str) -> dict[str, int]:
+    """The degrees a :func:`layout_name` stands for (``dp``, ``fsdp``, ``tp``, ``pp``)."""
+    degrees = {"dp": 1, "fsdp": 1, "tp": 1, "pp": 1}
+    for part in name.split("x"):
+        match = re.fullmatch(r"(dp|fsdp|tp|pp)(\d+)", part)
+        if match is None:
+            raise ValueError(f"{name!r} is not a layout name such as dp2, fsdp2xtp2 or pp2")
+        degrees[match.group(1)] = int(match.group(2))
+    return degrees
+
+
+def knobs_of_params(params: dict[str, Any]) -> dict[str, Any]:
+    """The knob values an Optuna trial's params stand for: conditions dropped, the layout decoded."""
+    out: dict[str, Any] = {}
+    for name, value in params.items():
+        knob = name.partition("|")[0]
+        if knob == "layout":
+            out.update(parse_layout(value))
+        else:
+            out[knob] = value
+    return out
+
+
+class Answers:
+    """Answers :func:`suggest`'s questions from given knob values (a baseline), noting the params they make.
+
+    ``values`` holds every knob by name, and ``layout`` as a :func:`layout_name`. A value outside
+    what the question allows is kept and its problem noted in ``problem``.
+    """
+
+    def __init__(self, values: dict[str, Any]):
+        self.values = values
+        self.params: dict[str, Any] = {}
+        self.problem = ""
+
+    def _answer(self, name: str, inside: bool | None, allowed: Any) -> Any:
+        knob, _, condition = name.partition("|")
+        value = self.values.get(knob)
+        if not inside and not self.problem:
+            where = "fsdp, tp and pp knobs" if knob == "layout" else f"knobs.{knob}"
+            self.problem = (f"its {knob}={value!r} is outside what the space's {where} allow"
+                            f"{f' with {condition}' if condition else ''} ({allowed})")
+        self.params[name] = value
+        return value
+
+    def suggest_categorical(self, name: str, choices: list[Any]) -> Any:
+        value = self.values.get(name.partition("|")[0])
+        return self._answer(name, value in choices, choices)
+
+    def suggest_int(self, name: str, low: int, high: int, step: int = 1, log: bool = False) -> Any:
+        value = self.values.get(name.partition("|")[0])
+        return self._answer(name, value is not None and low <= value <= high, [low, high])
+
+    suggest_float = suggest_int
+
+
+def _integers(domain: Domain | None, default: int) -> list[int]:
+    """Every whole value of an integer knob's domain (its default where the space has none)."""
+    if domain is None:
+        return [default]
+    if domain.choices is not None:
+        return [int(c) for c in domain.choices]
+    step = int(domain.step or 1)
+    return list(range(int(domain.low), int(domain.high) + 1, step))
 
 
 def precision_rule(precision: str, native_precisions: list[str]) -> str:
@@ -106,7 +247,7 @@ def kernel_choices(values: dict[str, Any]) -> dict[str, str]:
 
 
 def _suggest_one(trial: Any, name: str, domain: Domain) -> Any:
-    knob = KNOBS[name]
+    knob = KNOBS[name.partition("|")[0]]
     if domain.fixed:
         value = domain.choices[0] if domain.choices is not None else domain.low
     elif domain.choices is not None:
@@ -142,21 +283,21 @@ def build_config(
     world = v.get("world_size", world_size)
     if world > world_size:
         return None, f"world_size <= the processes this hardware gives a trial must hold, but got world_size={world}, nproc={world_size}"
-    # The layout is made to tile the world: each degree, in turn, is cut to the largest divisor
-    # of what is left (tp innermost, then pp, then fsdp), and dp takes the rest. So a sampled
-    # tp=2 in a one-process trial runs (and is recorded) as tp=1 rather than being infeasible.
-    tp = _fit(v["tp"], world)
-    pp = _fit(v["pp"], world // tp)
-    fsdp = _fit(v["fsdp"], world // (tp * pp))
+    tp, pp, fsdp = v["tp"], v["pp"], v["fsdp"]
+    if world % (fsdp * tp * pp):
+        return None, (f"world_size % (fsdp * tp * pp) == 0 must hold (dp takes the rest), but got world_size={world}, "
+                      f"fsdp={fsdp}, tp={tp}, pp={pp}")
     dp = world // (tp * pp * fsdp)
-    v.update(tp=tp, pp=pp, fsdp=fsdp)
-    data_parallel = dp * v["fsdp"]
+    data_parallel = dp * fsdp
     if v["global_batch_size"] < data_parallel:
         return None, (
             f"global_batch_size >= dp * fsdp must hold, but got global_batch_size={v['global_batch_size']}, "
-            f"dp={dp}, fsdp={v['fsdp']}"
+            f"dp={dp}, fsdp={fsdp}"
         )
-    micro = min(v["micro_batch_size"], v["global_batch_size"] // data_parallel)
+    micro = v["micro_batch_size"]
+    if "micro_batch_size" not in knob_values:  # not tuned: the largest divisor of a rank's share up to the default
+        share = v["global_batch_size"] // data_parallel
+        micro = max(m for m in range(1, min(micro, share) + 1) if share % m == 0)
     grad_accum = max(1, v["global_batch_size"] // (micro * data_parallel))
     w = space.workload
     config = TrialConfig(
@@ -169,11 +310,14 @@ def build_config(
         batch=BatchConfig(micro_batch_size=micro, global_batch_size=v["global_batch_size"], grad_accum_steps=grad_accum),
         parallel=ParallelConfig(
             dp=dp, fsdp=v["fsdp"], tp=v["tp"], pp=v["pp"], sequence_parallel=v["sequence_parallel"] and v["tp"] > 1,
-            # Without a pipeline the schedule means nothing: one canonical value, so equal configs look equal.
-            pp_schedule=v["pp_schedule"] if v["pp"] > 1 else DEFAULTS["pp_schedule"], pp_microbatches=_microbatches(v) if v["pp"] > 1 else 1,
-            # Virtual stages exist only in the interleaved schedule, which needs at least two.
-            pp_virtual_stages=(max(2, v["pp_virtual_stages"]) if v["pp_schedule"] == "interleaved1f1b" else 1)
-            if v["pp"] > 1 else 1,
+            # Without a pipeline the schedule means nothing: one canonical value, so equal configs look equal
+            # (suggest never asks for pipeline knobs without one, nor for sequence parallel without tp).
+            pp_schedule=v["pp_schedule"] if v["pp"] > 1 else DEFAULTS["pp_schedule"],
+            # A space that does not tune them gets the fewest a schedule runs: pp microbatches, two virtual stages.
+            pp_microbatches=(v["pp_microbatches"] if "pp_microbatches" in knob_values else v["pp"]) if v["pp"] > 1 else 1,
+            # Virtual stages exist only in the interleaved schedule (which needs two or more: a layout rule).
+            pp_virtual_stages=(v["pp_virtual_stages"] if "pp_virtual_stages" in knob_values else 2)
+            if v["pp"] > 1 and v["pp_schedule"] == "interleaved1f1b" else 1,
         ),
         precision=PrecisionConfig(precision=v["precision"]),
         optimizer=OptimizerConfig(
@@ -218,20 +362,6 @@ def _workload_rule(config: TrialConfig, workload: WorkloadInfo) -> str:
     return ""
 
 
-def _microbatches(v: dict[str, Any]) -> int:
-    """1F1B schedules need at least pp microbatches to fill the pipeline (a multiple of pp
-    when interleaved); GPipe takes any count."""
-    n, pp = v["pp_microbatches"], v["pp"]
-    if v["pp_schedule"] == "gpipe":
-        return n
-    return max(n, pp) if v["pp_schedule"] == "1f1b" else -(-max(n, pp) // pp) * pp
-
-
-def _fit(requested: int, available: int) -> int:
-    """The largest divisor of ``available`` that is at most ``requested``."""
-    return max(d for d in range(1, min(requested, available) + 1) if available % d == 0)
-
-
 def check(config: TrialConfig, space: SearchSpace) -> str:
     """The first declared constraint the config breaks, as a sentence with every value; '' if none."""
     values = {**config.flat(), **_workload_values(config)}
@@ -250,6 +380,10 @@ def _layout_rule(config: TrialConfig) -> str:
     stages = par.pp * par.pp_virtual_stages
     run, budget = config.run, config.budget_steps
     rules = [
+        (b.global_batch_size == b.micro_batch_size * par.dp * par.fsdp * b.grad_accum_steps,
+         f"global_batch_size % (micro_batch_size * dp * fsdp) == 0 must hold (a global batch is a whole number of "
+         f"micro batches on every data-parallel rank), but got global_batch_size={b.global_batch_size}, "
+         f"micro_batch_size={b.micro_batch_size}, dp={par.dp}, fsdp={par.fsdp}"),
         (budget >= run.warmup_steps + run.measured_steps,
          f"token_budget / (global_batch_size * seq_len) >= warmup_steps + measured_steps must hold (the timed steps "
          f"come before the validation loss, never with it), but got {budget} steps to the budget "

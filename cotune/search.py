@@ -1,9 +1,11 @@
 """The search engine: an Optuna study driven by ask/tell over real trials.
 
 Each asked trial becomes a TrialConfig (``derive``); an infeasible one is recorded
-without launching; a feasible one is run by ``run_fn`` (the runner in real use, a
-fake in tests) and its TrialResult recorded as user attrs plus the objective values.
-A failed trial is data: it is told as FAIL and the search goes on.
+without launching, as a violated constraint (``Trial.set_constraint``) that the samplers
+learn the feasible region from; a feasible one is run by ``run_fn`` (the runner in real
+use, a fake in tests) and its TrialResult recorded as user attrs plus the objective
+values. A failed run is data: it is told as FAIL and the search goes on. The budget
+counts launched trials: infeasible ones are recorded but cost nothing, up to a cap.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import os
 import socket
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +26,7 @@ from optuna.trial import TrialState
 from cotune import __version__, derive, hardware, memory
 from cotune.config import STATUSES, TrialConfig, TrialResult
 from cotune.errors import UserError
-from cotune.space import KNOBS, OBJECTIVES, Domain, SearchSpace
+from cotune.space import OBJECTIVES, SearchSpace
 from cotune.study import counted_trials, pareto_trials
 from cotune.workload import WorkloadInfo
 
@@ -31,7 +34,11 @@ RunFn = Callable[[TrialConfig, Path], TrialResult]
 
 
 def _tpe(seed: int | None, n_objectives: int) -> optuna.samplers.BaseSampler:
-    return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=10)
+    # group=True: conditional parameters (tiles of a Triton kernel, the micro batch per rank batch, a layout
+    # per world size) are modelled with the trials that asked for them, not dropped to independent sampling.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # multivariate, group
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=10)
 
 
 def _nsga2(seed: int | None, n_objectives: int) -> optuna.samplers.BaseSampler:
@@ -74,6 +81,9 @@ class SearchSettings:
     workload: WorkloadInfo | None = None  # what cotune.workload learnt of the model; None: the built-in gpt
     data: dict[str, Any] | None = None  # the prepared data: source, token counts, tokenizer folder
     cache_dir: Path | None = None  # where the peak-FLOP/s probe is cached; None: the study records no MFU peak
+    # Infeasible trials one search may record before it stops (they launch nothing, but a space that is
+    # almost all infeasible would spin); None: 10 per budgeted trial.
+    infeasible_cap: int | None = None
 
     @property
     def native_precisions(self) -> list[str]:
@@ -193,22 +203,18 @@ def enqueue_baseline(study: optuna.Study, settings: SearchSettings) -> str:
         return "the space declares no baseline"
     if study.get_trials(deepcopy=False):
         return "the study holds trials already"
-    choices = study.user_attrs.get("precision_choices")
-    params = {}
-    for name, domain in settings.space.knobs.items():
-        if name == "precision" and choices is not None:
-            domain = Domain(choices=list(choices))
-        if domain.fixed or (KNOBS[name].tile_of and name not in declared):
-            continue  # fixed knobs are not Optuna parameters; tiles only where the baseline runs Triton
-        default = settings.world_size if name == "world_size" else derive.DEFAULTS.get(name)  # as derive fills it
-        value = declared.get(name, default)
-        inside = value in domain.choices if domain.choices is not None else (
-            value is not None and domain.low <= value <= domain.high)
-        if not inside:
-            return (f"its {name}={value!r} is outside the space's knobs.{name} "
-                    f"({domain.choices if domain.choices is not None else [domain.low, domain.high]})")
-        params[name] = value
-    study.enqueue_trial(params, user_attrs={"baseline": True})
+    # The baseline's knob values, as derive fills what it leaves out; its params are what suggest would ask.
+    values = {**derive.DEFAULTS, "world_size": settings.world_size, **declared}
+    world = values["world_size"]
+    fsdp, tp, pp = (values[n] for n in derive.DEGREES)
+    values["layout"] = derive.layout_name(world // (fsdp * tp * pp), fsdp, tp, pp) \
+        if world % (fsdp * tp * pp) == 0 else f"fsdp{fsdp}xtp{tp}xpp{pp} (which does not tile world_size={world})"
+    answers = derive.Answers(values)
+    derive.suggest(answers, settings.space, settings.native_precisions, study.user_attrs.get("precision_choices"),
+                   world_size=settings.world_size, workload=settings.workload)
+    if answers.problem:
+        return answers.problem
+    study.enqueue_trial(answers.params, user_attrs={"baseline": True})
     return ""
 
 
@@ -237,15 +243,17 @@ def _alive(pid: int) -> bool:
 
 @dataclass
 class Progress:
-    """What the CLI shows after each trial."""
+    """What the CLI shows after each trial. ``done`` counts launched trials (what the budget counts)."""
 
     budget: int
     done: int
     started_at: float = field(default_factory=time.monotonic)
-    ran_here: int = 0
+    ran_here: int = 0  # trials this search launched
+    infeasible_here: int = 0  # trials this search recorded as infeasible (launched nothing)
     by_status: dict[str, int] = field(default_factory=dict)
     pareto_size: int = 0
     best: dict[str, float] = field(default_factory=dict)
+    stopped: str = ""  # why the search stopped before the budget ('' when it did not)
 
     @property
     def eta_s(self) -> float | None:
@@ -257,7 +265,7 @@ class Progress:
 def progress_of(study: optuna.Study, objectives: list[str], progress: Progress) -> Progress:
     """Refresh counts, Pareto size and the best value of each objective from the study."""
     trials = counted_trials(study)
-    progress.done = len(trials)
+    progress.done = sum(t.user_attrs["status"] != "infeasible" for t in trials)
     progress.by_status = {s: 0 for s in STATUSES}
     for t in trials:
         progress.by_status[t.user_attrs["status"]] += 1
@@ -277,13 +285,22 @@ def run_search(
     on_start: Callable[[int, TrialConfig | None], None] = lambda n, c: None,
     on_done: Callable[[Progress, TrialResult], None] = lambda p, r: None,
 ) -> Progress:
-    """Ask, run and tell until the study holds ``settings.budget`` finished trials.
+    """Ask, run and tell until the study holds ``settings.budget`` launched trials.
 
-    Whatever goes wrong while a trial is in hand (Ctrl-C, or a bug in deriving, estimating or
-    recording) closes that trial before the exception goes on, so no trial is left RUNNING.
+    Infeasible trials are recorded without spending the budget; after ``settings.infeasible_cap`` of
+    them in this search it stops and says why in ``Progress.stopped``. Whatever goes wrong while a
+    trial is in hand (Ctrl-C, or a bug in deriving, estimating or recording) closes that trial before
+    the exception goes on, so no trial is left RUNNING.
     """
     progress = progress_of(study, settings.objectives, Progress(settings.budget, 0))
+    cap = settings.infeasible_cap if settings.infeasible_cap is not None else 10 * settings.budget
     while progress.done < settings.budget:
+        if progress.infeasible_here >= cap:
+            progress.stopped = (
+                f"stopped after {progress.infeasible_here} infeasible configs and {progress.ran_here} launched in this "
+                f"search: the space is mostly infeasible on this hardware; widen the knobs or loosen its constraints "
+                f"(`cotune trials` gives each one's reason)")
+            break
         trial = study.ask()
         try:
             result = _ask_run_record(study, trial, settings, run_fn, on_start)
@@ -294,7 +311,10 @@ def run_search(
             # Not the config's failure: recorded as interrupted (not counted), so a rerun tries again.
             _close(study, trial, "interrupted", f"the search failed on this trial: {type(e).__name__}: {e}"[:500])
             raise
-        progress.ran_here += 1
+        if result.status == "infeasible":
+            progress.infeasible_here += 1
+        else:
+            progress.ran_here += 1
         on_done(progress_of(study, settings.objectives, progress), result)
     return progress
 
@@ -305,7 +325,8 @@ def _ask_run_record(study: optuna.Study, trial: optuna.Trial, settings: SearchSe
     trial.set_user_attr("host", socket.gethostname())
     trial.set_user_attr("search_pid", os.getpid())
     choices = study.user_attrs.get("precision_choices")  # fixed when the study was created (None: older studies)
-    knob_values = derive.suggest(trial, settings.space, settings.native_precisions, choices)
+    knob_values = derive.suggest(trial, settings.space, settings.native_precisions, choices,
+                                 world_size=settings.world_size, workload=settings.workload)
     config, reason = derive.build_config(
         settings.space, knob_values, world_size=settings.world_size, vocab_size=settings.vocab_size,
         seed=trial.number if settings.seed is None else settings.seed, profile=settings.profile,
@@ -317,17 +338,22 @@ def _ask_run_record(study: optuna.Study, trial: optuna.Trial, settings: SearchSe
     if config is not None and config.kernels.selected() and not settings.fingerprint["software"].get("triton"):
         reason = reason or ("kernels=triton needs Triton, which this machine does not have installed "
                             "(pip install 'cotune[kernels]'; CUDA builds of torch bring it)")
-    estimate = None
+    estimate, violation = None, 1.0
     if config is not None and config.workload.model == "gpt":  # the memory model counts the built-in GPT's tensors
         # The analytic memory model, before launch: a config that cannot fit is never run.
         estimate = memory.estimate(config, runtime_bytes=memory.runtime_bytes(settings.fingerprint, config.run.device))
-        reason = reason or memory.fits(estimate, memory.capacity_bytes(
-            settings.fingerprint, config.run.device, config.parallel.world_size))
+        capacity = memory.capacity_bytes(settings.fingerprint, config.run.device, config.parallel.world_size)
+        too_big = memory.fits(estimate, capacity)
+        if too_big and not reason:
+            reason, violation = too_big, estimate.total / capacity - 1.0
     on_start(trial.number, config)
     if reason:
         result = TrialResult(status="infeasible", reason=reason)
     else:
         result = run_fn(config, settings.runs_dir / f"trial-{trial.number:04d}")
+    # Feasibility is a constraint the samplers learn from (<= 0: feasible): 1 for a broken rule, the share
+    # over capacity for a config the memory model says cannot fit.
+    trial.set_constraint("feasible", max(violation, 1e-3) if result.status == "infeasible" else 0.0)
     if estimate is not None:  # recorded beside the measured peak, for every trial
         result.metrics["estimated_peak_memory_bytes"] = estimate.total
     if config is not None:
@@ -403,5 +429,9 @@ def record(
         trial.set_user_attr(key, json.loads(json.dumps(value)))
     if values is not None:
         study.tell(trial, values=values)
+    elif result.status == "infeasible":
+        # Never launched, so no values; PRUNED with its violated constraint is what TPE learns the infeasible
+        # region from (it skips FAIL trials altogether).
+        study.tell(trial, state=TrialState.PRUNED)
     else:
         study.tell(trial, state=TrialState.FAIL)

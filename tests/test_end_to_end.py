@@ -9,6 +9,7 @@ import pytest
 
 from cotune.config import STATUSES, TrialConfig
 from tests.conftest import run_cli
+from tests.test_derive import ran_knobs
 
 
 @pytest.mark.slow
@@ -30,6 +31,9 @@ def test_search_budget_4_then_resume_trials_best_and_trial(tmp_path):
     assert len(ok) >= 3, [(t.user_attrs["status"], t.user_attrs["reason"]) for t in trials]
     for t in trials:
         assert t.user_attrs["status"] in STATUSES
+        # What Optuna was told is what ran: every param is the value in the trial's recorded config.
+        flat = TrialConfig.from_dict(t.user_attrs["config"]).flat()
+        assert t.params and {k: flat[k] for k in ran_knobs(t.params)} == ran_knobs(t.params)
     for t in ok:
         m = t.user_attrs["metrics"]
         assert t.values == [m["tokens_per_second"], m["val_loss"]]

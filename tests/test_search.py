@@ -8,7 +8,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from cotune import search
+from cotune import derive, search
 from cotune.config import STATUSES, TrialConfig, TrialResult
 from cotune.errors import UserError
 from cotune.space import load_space
@@ -113,10 +113,27 @@ def test_infeasible_configs_are_never_launched(fingerprint, tmp_path):
         return fake_trial(config, trial_dir)
 
     progress = search.run_search(open_study(tmp_path, s), s, run)
-    assert launched and max(launched) <= 8
-    assert progress.by_status["infeasible"] == 15 - len(launched) > 0
+    assert len(launched) == 15 and max(launched) <= 8  # the budget counts launched trials only
+    assert progress.done == 15 and progress.by_status["infeasible"] == progress.infeasible_here > 0
     infeasible = [t for t in counted_trials(open_study(tmp_path, s)) if t.user_attrs["status"] == "infeasible"]
     assert "micro_batch_size <= 8 must hold (test), but got micro_batch_size=" in infeasible[0].user_attrs["reason"]
+    # Told as a violated constraint (which TPE, NSGA-II and GP learn from), never as a failure.
+    assert all(t.state == optuna.trial.TrialState.PRUNED and t.constraints == {"feasible": 1.0} for t in infeasible)
+    launched_trials = [t for t in counted_trials(open_study(tmp_path, s)) if t.user_attrs["status"] != "infeasible"]
+    assert all(t.constraints == {"feasible": 0.0} for t in launched_trials)
+
+
+def test_a_mostly_infeasible_space_stops_at_the_cap(fingerprint, tmp_path):
+    from cotune.space import Constraint
+
+    space = load_space(CPU_SPACE)
+    space = space.model_copy(update={"constraints": [Constraint(expr="micro_batch_size > 64", why="never")]})
+    s = settings(fingerprint, tmp_path, space=space, budget=5, sampler="random", infeasible_cap=7)
+    progress = search.run_search(open_study(tmp_path, s), s, fake_trial)
+    assert progress.done == 0 and progress.infeasible_here == 7
+    assert progress.stopped.startswith("stopped after 7 infeasible configs and 0 launched in this search: the space "
+                                       "is mostly infeasible")
+    assert len(open_study(tmp_path, s).get_trials()) == 7  # all recorded, none left running
 
 
 def test_refuses_to_mix_hardware_unless_told(fingerprint, tmp_path):
@@ -254,15 +271,15 @@ def test_the_baseline_is_a_new_studys_first_trial_and_the_report_measures_agains
     first = study.trials[0]
     assert first.user_attrs["baseline"] is True
     declared = s.space.baseline
-    assert {k: first.params[k] for k in declared if k in first.params} == {
-        k: v for k, v in declared.items() if k in first.params}
+    ran = derive.knobs_of_params(first.params)
+    assert ran and {k: ran[k] for k in declared if k in ran} == {k: v for k, v in declared.items() if k in ran}
     assert report_info(study).baseline_trial == 0  # the report's own test: every declared knob ran as declared
     assert search.enqueue_baseline(study, s) == "the study holds trials already"
     outside = s.space.model_copy(update={"baseline": {**declared, "learning_rate": 1.0}})
     fresh = search.open_study(optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'other.db'}"), "o",
                               settings(fingerprint, tmp_path, space=outside))
     assert search.enqueue_baseline(fresh, settings(fingerprint, tmp_path, space=outside)).startswith(
-        "its learning_rate=1.0 is outside the space's knobs.learning_rate")
+        "its learning_rate=1.0 is outside what the space's knobs.learning_rate allow ([0.0001, 0.03])")
 
 
 def test_trials_left_running_by_a_killed_search_are_closed(fingerprint, tmp_path):
@@ -289,13 +306,16 @@ def test_trials_left_running_by_a_killed_search_are_closed(fingerprint, tmp_path
 
 def test_configs_that_cannot_fit_are_skipped_with_the_estimate(fingerprint, tmp_path):
     tiny = {**fingerprint, "hardware": {**fingerprint["hardware"], "memory_bytes": 64 * 2**20}}
-    s = settings(tiny, tmp_path, budget=3)
+    s = settings(tiny, tmp_path, budget=3, infeasible_cap=4)
     launched = []
     progress = search.run_search(open_study(tmp_path, s), s, lambda c, d: launched.append(c) or fake_trial(c, d))
-    assert launched == [] and progress.by_status["infeasible"] == 3
+    assert launched == [] and progress.by_status["infeasible"] == 4 and progress.stopped
     trial = open_study(tmp_path, s).trials[0]
     assert "exceeds the device's" in trial.user_attrs["reason"] and "GiB per rank" in trial.user_attrs["reason"]
     assert trial.user_attrs["memory_estimate"]["total"] > 32 * 2**20
+    # The violation is graded: the share by which the estimate exceeds the memory there is.
+    estimate = trial.user_attrs["memory_estimate"]["total"]
+    assert trial.constraints["feasible"] == pytest.approx(estimate / (64 * 2**20 / s.world_size) - 1)
 
 
 def test_the_estimate_is_recorded_beside_the_measured_peak(fingerprint, tmp_path):
@@ -313,8 +333,9 @@ def test_triton_kernels_without_triton_installed_are_infeasible(fingerprint, tmp
     path = ROOT / "search_spaces" / "cpu-triton-tiny.yaml"
     without = {**fingerprint, "software": {**fingerprint["software"], "triton": None}}
     ran = []
-    s = settings(without, tmp_path, space=load_space(path), space_path=str(path), budget=2, world_size=1)
+    s = settings(without, tmp_path, space=load_space(path), space_path=str(path), budget=2, world_size=1,
+                 infeasible_cap=3)
     search.run_search(open_study(tmp_path, s), s, lambda c, d: ran.append(c) or fake_trial(c, d))
     study = optuna.load_study(study_name="t", storage=f"sqlite:///{tmp_path / 'study.db'}")
-    assert ran == [] and [t.user_attrs["status"] for t in study.trials] == ["infeasible", "infeasible"]
+    assert ran == [] and [t.user_attrs["status"] for t in study.trials] == ["infeasible"] * 3
     assert "kernels=triton needs Triton" in study.trials[0].user_attrs["reason"]

@@ -1,8 +1,8 @@
 """The space's declared baseline config, whether the study measured it, and what differs from it.
 
-Trials are compared as they *ran* (the config after derivation: a micro batch capped
-at the global batch, parallel degrees fitted to the world size), so the baseline is
-derived the same way the search derives a trial.
+Trials are compared as they *ran* (the config after derivation: dp from the world size,
+the accumulation steps, knobs left out filled in), so the baseline is derived the same
+way the search derives a trial.
 """
 
 from __future__ import annotations
