@@ -156,7 +156,7 @@ def search(
     progress = engine.progress_of(opt_study, objective_names, engine.Progress(budget, 0))
     if progress.done >= budget:
         console.print(
-            f"study {name!r} already holds {progress.done} trials, the budget of {budget} is spent; "
+            f"study {name!r} already holds {progress.done} launched trials, the budget of {budget} is spent; "
             f"raise --budget to add more (e.g. --budget {progress.done + 10})"
         )
         _print_pareto(opt_study, objective_names)
@@ -166,7 +166,7 @@ def search(
             _write_report(opt_study, None)
         return
     console.print(
-        f"study [bold]{name}[/] in {storage}: {progress.done} trials so far, running {budget - progress.done} more "
+        f"study [bold]{name}[/] in {storage}: {progress.done} launched trials so far, running {budget - progress.done} more "
         f"(space {space_path}, sampler {sampler.value}, objectives {', '.join(objective_names)})"
     )
 
@@ -253,16 +253,20 @@ def _run_with_progress(opt_study, settings, run_fn) -> None:
         bar.update(task, completed=p.done, eta=eta, stats=_stats(p))
 
     with bar:
-        engine.run_search(opt_study, settings, run_fn, on_start=on_start, on_done=on_done)
+        progress = engine.run_search(opt_study, settings, run_fn, on_start=on_start, on_done=on_done)
+    if progress.stopped:
+        err_console.print(f"warning: {progress.stopped}", markup=False, highlight=False)
 
 
 def _stats(p) -> str:
     from cotune.display import fmt
     from cotune.labels import label
 
-    failed = ", ".join(f"{k} {v}" for k, v in p.by_status.items() if k != "ok" and v)
+    failed = ", ".join(f"{k} {v}" for k, v in p.by_status.items() if k not in ("ok", "infeasible") and v)
     best = "  ".join(f"best {label(k)} {fmt(v)}" for k, v in p.best.items())
+    infeasible = p.by_status.get("infeasible", 0)
     return f"ok {p.by_status.get('ok', 0)}" + (f" | failed: {failed}" if failed else "") + \
+        (f" | infeasible {infeasible} (not launched)" if infeasible else "") + \
         f" | pareto {p.pareto_size} | {best}"
 
 
