@@ -51,3 +51,15 @@ def test_data_prep_benchmark_times_first_and_cached_preparation(tmp_path):
     assert all(r["cached_s"] < r["first_s"] and r["train_tokens"] > 0 and r["val_tokens"] > 0 for r in rows)
     assert [r["vocab_size"] for r in rows] == [258, 300, 258, 300]
     assert "| builtin | bpe:300 |" in out.stdout
+
+
+def test_tpe_told_constraints_proposes_fewer_infeasible_configs_than_told_fail(tmp_path):
+    """The infeasible-region benchmark, with fewer seeds: cotune's engine (constraints) against FAIL."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "infeasible.py"), "--seeds", "4", "--asks", "60",
+                          "--json", str(tmp_path / "i.json")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    figures = json.loads((tmp_path / "i.json").read_text())
+    constraint, fail = figures["constraint"], figures["fail"]
+    assert len(constraint["shares"]) == len(fail["shares"]) == 4
+    assert constraint["infeasible_share_after_startup"] < fail["infeasible_share_after_startup"]
+    assert constraint["launched"] > fail["launched"]
