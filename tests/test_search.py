@@ -339,3 +339,17 @@ def test_triton_kernels_without_triton_installed_are_infeasible(fingerprint, tmp
     study = optuna.load_study(study_name="t", storage=f"sqlite:///{tmp_path / 'study.db'}")
     assert ran == [] and [t.user_attrs["status"] for t in study.trials] == ["infeasible"] * 3
     assert "kernels=triton needs Triton" in study.trials[0].user_attrs["reason"]
+
+
+def test_importance_ranks_knobs_as_they_ran_conditional_ones_included(fingerprint, tmp_path):
+    """Optuna's params are conditional (a layout per world size, a micro batch per rank batch); the report
+    ranks the knobs as they ran, so the micro batch (which alone sets the fake trial's speed) ranks first."""
+    from cotune.report import report_info
+
+    s = settings(fingerprint, tmp_path, budget=24, sampler="random")
+    study = open_study(tmp_path, s)
+    search.run_search(study, s, fake_trial)
+    assert not all("micro_batch_size" in t.params for t in study.trials)  # no single parameter holds it
+    info = report_info(study)
+    assert info.importances is not None and "micro_batch_size" in info.importances.index
+    assert info.importances["tokens_per_second"].idxmax() == "micro_batch_size"

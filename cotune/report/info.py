@@ -130,7 +130,7 @@ def report_info(study: optuna.Study) -> ReportInfo:
     if not base:
         notes["baseline"] = ("The study records no baseline config (the space's baseline:), so there is none "
                              "to compare against.")
-    # Compare what ran (after derivation: a micro batch above the global one is capped), not what was sampled.
+    # Compare what ran (after derivation: dp, accumulation, knobs left out filled in), not what was sampled.
     matches = [n for n in frame.index if is_baseline(frame.at[n, "effective"], base, declared)]
     baseline_trial = next((n for n in matches if frame.at[n, "ok"]), None)
     if base and baseline_trial is None:
@@ -148,7 +148,7 @@ def report_info(study: optuna.Study) -> ReportInfo:
     confirmed, notes["confirm"] = confirmed_info(study, [int(n) for n in picks["number"]], baseline_trial,
                                                  [o.metric for o in objectives])
     tunable = _tunable(ok)
-    importances, notes["importance"] = _importances(study, objectives, tunable, len(ok))
+    importances, notes["importance"] = _importances(study, objectives, tunable, len(ok), ok)
     convergence = _convergence(frame, objectives)
     if convergence is None and not ok.empty:
         notes["convergence"] = "Convergence needs at least one trial with every objective recorded."
@@ -225,9 +225,16 @@ def _tunable(ok: pd.DataFrame) -> list[str]:
 
 
 def _importances(
-    study: optuna.Study, objectives: list[Objective], tunable: list[str], n_ok: int
+    study: optuna.Study, objectives: list[Objective], tunable: list[str], n_ok: int, ok: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame | None, str]:
-    """PED-ANOVA importance of each knob for each objective (Optuna's default evaluator)."""
+    """PED-ANOVA importance of each knob for each objective (Optuna's default evaluator).
+
+    Ranked over the knob values as they ran (``effective``), not Optuna's params: those are
+    conditional (a ``layout`` per world size, a micro batch per rank batch), so most would be
+    missing from some trials. A copy of the ok trials in memory carries the knobs as params.
+    """
+    if ok is not None and not ok.empty:
+        study = _as_ran(study, ok, tunable)
     params = [p for p in tunable if all(p in t.params for t in study.get_trials(
         deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))]
     if n_ok < MIN_TRIALS_FOR_IMPORTANCE:
@@ -253,6 +260,30 @@ def _importances(
     note = "" if frame.notna().all().all() else (
         "For some objectives no knob separates the best 10% of trials from the rest, so they show no bars.")
     return frame.loc[order], note
+
+
+def _as_ran(study: optuna.Study, ok: pd.DataFrame, tunable: list[str]) -> optuna.Study:
+    """An in-memory study of the ok trials whose params are the ``tunable`` knobs as they ran."""
+    knobs = dict((study.user_attrs.get("space") or {}).get("knobs") or {})
+    distributions: dict[str, optuna.distributions.BaseDistribution] = {}
+    for name in tunable:
+        values = [e.get(name) for e in ok["effective"]]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if numeric and (knobs.get(name) or {}).get("choices") is None:
+            log = bool((knobs.get(name) or {}).get("log")) and min(values) > 0
+            distributions[name] = optuna.distributions.FloatDistribution(min(values), max(values), log=log)
+        else:
+            distributions[name] = optuna.distributions.CategoricalDistribution(sorted(set(values), key=repr))
+    copy = optuna.create_study(directions=study.directions)
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
+    for number, effective in ok["effective"].items():
+        trial = by_number.get(int(number))
+        if trial is not None:
+            copy.add_trial(optuna.trial.create_trial(
+                params={n: (float(effective[n]) if isinstance(distributions[n], optuna.distributions.FloatDistribution)
+                            else effective[n]) for n in tunable},
+                distributions=distributions, values=trial.values))
+    return copy
 
 
 def _convergence(frame: pd.DataFrame, objectives: list[Objective]) -> Convergence | None:
