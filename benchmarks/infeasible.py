@@ -49,7 +49,7 @@ def synthetic(config: TrialConfig, trial_dir: Path) -> TrialResult:
 
 def run_constraint(settings: search.SearchSettings, asks: int) -> tuple[int, int]:
     """cotune's engine; returns (infeasible proposals after start-up, launched)."""
-    study = search.open_study(optuna.storages.InMemoryStorage(), "b", settings)
+    study = search.create_or_resume_study(optuna.storages.InMemoryStorage(), "b", settings)
     capped = dataclasses.replace(settings, budget=asks, infeasible_cap=asks)
     # Budget and cap both at `asks`: the search stops once `asks` configs were launched or refused.
     statuses: list[str] = []
@@ -60,7 +60,7 @@ def run_constraint(settings: search.SearchSettings, asks: int) -> tuple[int, int
 
 def run_fail(settings: search.SearchSettings, asks: int) -> tuple[int, int]:
     """The same asks and derivation, an infeasible config told FAIL (ignored by TPE)."""
-    study = search.open_study(optuna.storages.InMemoryStorage(), "b", settings)
+    study = search.create_or_resume_study(optuna.storages.InMemoryStorage(), "b", settings)
     statuses = []
     for _ in range(asks):
         trial = study.ask()

@@ -58,7 +58,7 @@ def main() -> None:
             fingerprint=fingerprint, vocab_size=vocab, runs_dir=Path(tmp) / "runs", sampler="random", seed=0,
             world_size=search.check_hardware(space, str(space_path), fingerprint), workload=described,
         )
-        study = search.open_study(optuna.storages.RDBStorage(f"sqlite:///{tmp}/bench.db"), "bench", settings)
+        study = search.create_or_resume_study(optuna.storages.RDBStorage(f"sqlite:///{tmp}/bench.db"), "bench", settings)
         returned_at = {}
 
         def run(config, trial_dir):

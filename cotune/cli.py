@@ -19,6 +19,8 @@ import typer
 from rich.console import Console
 
 from cotune.errors import UserError
+from cotune.samplers import DEFAULT as DEFAULT_SAMPLER
+from cotune.samplers import SAMPLERS
 
 app = typer.Typer(
     help="Tune LLM training jointly across hardware, software and algorithm, with real measured runs.",
@@ -39,31 +41,11 @@ console = _console()
 err_console = _console(stderr=True)
 
 
-class Sampler(str, Enum):
-    tpe = "tpe"
-    nsga2 = "nsga2"
-    gp = "gp"
-    random = "random"
+# The --sampler choices are the sampler registry's names (cotune.samplers imports no Optuna).
+Sampler = Enum("Sampler", {name: name for name in SAMPLERS}, type=str)
 
 
 STORAGE_HELP = "Optuna storage URL (SQLite file by default; postgresql://... to scale)."
-
-
-def _check_storage_url(url: str) -> None:
-    """Catch a malformed storage URL before anything is created (opening a SQLite URL creates the file)."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        parsed = make_url(url)
-        parsed.get_dialect()
-    except Exception as e:
-        raise UserError(
-            f"--storage {url!r} is not a database URL Optuna can use ({type(e).__name__}); "
-            "use e.g. sqlite:///cotune.db or postgresql://user:password@host/dbname"
-        ) from None
-    db = parsed.database
-    if parsed.get_backend_name() == "sqlite" and db and db != ":memory:" and not Path(db).expanduser().resolve().parent.is_dir():
-        raise UserError(f"--storage {url!r}: the folder {Path(db).parent} does not exist")
 
 
 def _quiet_optuna() -> None:
@@ -90,7 +72,7 @@ def search(
     space: Path | None = typer.Option(None, help="Search-space YAML (default: the shipped space for this hardware)."),
     study: str | None = typer.Option(None, help="Study name (default: the space's name)."),
     storage: str = typer.Option("sqlite:///cotune.db", help=STORAGE_HELP),
-    sampler: Sampler = typer.Option(Sampler.tpe, help="Optuna sampler."),
+    sampler: Sampler = typer.Option(DEFAULT_SAMPLER, help="Optuna sampler."),
     objectives: str | None = typer.Option(
         None, help="Comma-separated: tokens_per_second,val_loss[,peak_memory] (default: the space's)."
     ),
@@ -111,12 +93,12 @@ def search(
     from cotune import hardware, runner
     from cotune import search as engine
     from cotune.space import default_space_path, load_space
-    from cotune.study import open_storage
+    from cotune.study import check_storage_url, open_storage
 
     # Cheap checks of the user's flags and files first; the hardware probe takes seconds.
     objective_names = _parse_objectives(objectives) if objectives else None
     search_space = load_space(space) if space else None
-    _check_storage_url(storage)
+    check_storage_url(storage)
     with console.status("probing hardware"):
         fingerprint = hardware.fingerprint()
     space_path = space or default_space_path(fingerprint["hardware"]["gpu_count"])
@@ -143,7 +125,7 @@ def search(
         profile=profile, artifacts_dir=Path("cotune-artifacts") / name, allow_mixed_hardware=allow_mixed_hardware,
         world_size=world_size, workload=workload_info, data=_data_attrs(data_info), cache_dir=cache_dir,
     )
-    opt_study = engine.open_study(open_storage(storage), name, settings)
+    opt_study = engine.create_or_resume_study(open_storage(storage), name, settings)
     if baseline:
         why_not = engine.enqueue_baseline(opt_study, settings)
         if not why_not:
@@ -294,9 +276,9 @@ def trials(
     """Table of every trial in a study: status, metrics and the knobs that vary."""
     _quiet_optuna()
     from cotune import display
-    from cotune.study import load, rows
+    from cotune.study import load_study, rows
 
-    opt_study = load(storage, study)
+    opt_study = load_study(storage, study)
     all_trials = sorted(opt_study.get_trials(deepcopy=False), key=lambda t: t.number)
     table_rows = rows(all_trials)
     console.print(display.trials_table(table_rows, f"{opt_study.study_name}: {len(all_trials)} trials"))
@@ -311,9 +293,9 @@ def best(
 ) -> None:
     """The Pareto set: one row per distinct config, the knobs that differ highlighted."""
     _quiet_optuna()
-    from cotune.study import load, objectives_of
+    from cotune.study import load_study, objectives_of
 
-    opt_study = load(storage, study)
+    opt_study = load_study(storage, study)
     _print_pareto(opt_study, objectives_of(opt_study))
 
 
@@ -326,11 +308,9 @@ def report_cmd(
 ) -> None:
     """Write the study's report: one self-contained HTML file that opens offline."""
     _quiet_optuna()
-    from cotune.study import load
+    from cotune.study import load_study
 
-    _check_storage_url(storage)
-    _check_database_exists(storage)
-    opt_study = load(storage, study)
+    opt_study = load_study(storage, study)
     if summary:
         from cotune.report import report_info
         from cotune.report.summary import print_summary
@@ -341,17 +321,6 @@ def report_cmd(
             _write_report(opt_study, output, info)
         return
     _write_report(opt_study, output)
-
-
-def _check_database_exists(url: str) -> None:
-    """Reading commands must not create an empty SQLite file where the user mistyped a path."""
-    from sqlalchemy.engine import make_url
-
-    parsed = make_url(url)
-    db = parsed.database
-    if parsed.get_backend_name() == "sqlite" and db and db != ":memory:" and not Path(db).expanduser().exists():
-        raise UserError(f"--storage {url!r}: there is no database file {db}; run `cotune search` first "
-                        "or point --storage at an existing study")
 
 
 def _write_report(opt_study, output: Path | None, info=None) -> None:
@@ -387,11 +356,9 @@ def confirm_cmd(
     """
     _quiet_optuna()
     from cotune import hardware
-    from cotune.study import load
+    from cotune.study import load_study
 
-    _check_storage_url(storage)
-    _check_database_exists(storage)
-    opt_study = load(storage, study)
+    opt_study = load_study(storage, study)
     with console.status("probing hardware"):
         here = hardware.fingerprint()
     there = opt_study.user_attrs.get("hardware_id")
@@ -538,12 +505,13 @@ def export_cmd(
     """Write one config of the study (a Pareto point by default) for a trainer; never runs training."""
     _quiet_optuna()
     from cotune import export as exporters
-    from cotune.export.pick import describe, open_study, pick_trial
+    from cotune.export.pick import describe, pick_trial
+    from cotune.study import load_study
 
     exporter = exporters.get_exporter(fmt)  # a bad --format fails before the study is read
     if output is not None and not output.is_dir() and not output.parent.is_dir():
         raise UserError(f"--output {output}: the folder {output.parent} does not exist")
-    opt_study = open_study(storage, study)
+    opt_study = load_study(storage, study)
     picked = pick_trial(opt_study, pick)
     exported = exporter(picked.config)
 

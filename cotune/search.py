@@ -14,7 +14,6 @@ import json
 import os
 import socket
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,39 +25,12 @@ from optuna.trial import TrialState
 from cotune import __version__, derive, hardware, memory
 from cotune.config import STATUSES, TrialConfig, TrialResult
 from cotune.errors import UserError
+from cotune.samplers import SAMPLERS
 from cotune.space import OBJECTIVES, SearchSpace
 from cotune.study import counted_trials, pareto_trials
 from cotune.workload import WorkloadInfo
 
 RunFn = Callable[[TrialConfig, Path], TrialResult]
-
-
-def _tpe(seed: int | None, n_objectives: int) -> optuna.samplers.BaseSampler:
-    # group=True: conditional parameters (tiles of a Triton kernel, the micro batch per rank batch, a layout
-    # per world size) are modelled with the trials that asked for them, not dropped to independent sampling.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # multivariate, group
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=10)
-
-
-def _nsga2(seed: int | None, n_objectives: int) -> optuna.samplers.BaseSampler:
-    return optuna.samplers.NSGAIISampler(seed=seed, population_size=10)
-
-
-def _gp(seed: int | None, n_objectives: int) -> optuna.samplers.BaseSampler:
-    return optuna.samplers.GPSampler(seed=seed, n_startup_trials=10)
-
-
-def _random(seed: int | None, n_objectives: int) -> optuna.samplers.BaseSampler:
-    return optuna.samplers.RandomSampler(seed=seed)
-
-
-SAMPLERS: dict[str, Callable[[int | None, int], optuna.samplers.BaseSampler]] = {
-    "tpe": _tpe,
-    "nsga2": _nsga2,
-    "gp": _gp,
-    "random": _random,
-}
 
 
 @dataclass(frozen=True)
@@ -113,7 +85,7 @@ def check_hardware(space: SearchSpace, space_path: str, fingerprint: dict[str, A
     return nproc
 
 
-def open_study(
+def create_or_resume_study(
     storage: optuna.storages.BaseStorage, name: str, settings: SearchSettings
 ) -> optuna.Study:
     """Create the study, or load it and check it is the same search on the same hardware."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -20,13 +21,27 @@ from cotune.space import OBJECTIVES
 DEFAULT_STORAGE = "sqlite:///cotune.db"
 
 
+def check_storage_url(url: str) -> None:
+    """Catch a malformed storage URL before anything is created (opening a SQLite URL creates the file)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+        parsed.get_dialect()
+    except Exception as e:
+        raise UserError(
+            f"--storage {url!r} is not a database URL Optuna can use ({type(e).__name__}); "
+            "use e.g. sqlite:///cotune.db or postgresql://user:password@host/dbname"
+        ) from None
+    db = parsed.database
+    if parsed.get_backend_name() == "sqlite" and db and db != ":memory:" and \
+            not Path(db).expanduser().resolve().parent.is_dir():
+        raise UserError(f"--storage {url!r}: the folder {Path(db).parent} does not exist")
+
+
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna storage for ``url``; a URL it cannot open is the user's error (the --storage flag)."""
-    if "://" not in url:
-        raise UserError(
-            f"--storage {url!r} is not a database URL; use e.g. sqlite:///cotune.db or "
-            "postgresql://user:password@host/dbname"
-        )
+    check_storage_url(url)
     try:
         return optuna.storages.RDBStorage(url)
     except Exception as e:  # sqlalchemy raises many kinds; all mean "cannot open this URL"
@@ -38,8 +53,17 @@ def study_names(storage: optuna.storages.BaseStorage) -> list[str]:
     return [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
 
 
-def load(storage_url: str, name: str | None) -> optuna.Study:
-    """Load a study by name; without a name, the storage's only study."""
+def load_study(storage_url: str, name: str | None) -> optuna.Study:
+    """Load a study to read by name (without a name, the storage's only study). Reading never creates a
+    database: a SQLite file that does not exist is the user's error, not a new empty study."""
+    from sqlalchemy.engine import make_url
+
+    check_storage_url(storage_url)
+    parsed = make_url(storage_url)
+    db = parsed.database
+    if parsed.get_backend_name() == "sqlite" and db and db != ":memory:" and not Path(db).expanduser().exists():
+        raise UserError(f"--storage {storage_url!r}: there is no database file {db}; run `cotune search` first "
+                        "or point --storage at an existing study")
     storage = open_storage(storage_url)
     names = study_names(storage)
     if name is None:

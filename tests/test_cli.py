@@ -110,7 +110,14 @@ def test_trial_command_rejects_a_bad_config(tmp_path):
 
 
 def test_listing_and_reading_need_a_study(tmp_path):
-    assert_user_error(run_cli("trials", cwd=tmp_path), "holds no study yet")
+    # Reading never creates a database where the user mistyped a path (or ran no search yet).
+    for command in (["trials"], ["best"], ["report"], ["export", "--format", "json"], ["confirm"]):
+        assert_user_error(run_cli(*command, cwd=tmp_path), "there is no database file cotune.db")
+        assert not (tmp_path / "cotune.db").exists()
+    optuna.create_study(study_name="x", storage=f"sqlite:///{tmp_path / 'empty.db'}")
+    optuna.delete_study(study_name="x", storage=f"sqlite:///{tmp_path / 'empty.db'}")
+    assert_user_error(run_cli("trials", "--storage", f"sqlite:///{tmp_path / 'empty.db'}", cwd=tmp_path),
+                      "holds no study yet")
     optuna.create_study(study_name="a", storage=f"sqlite:///{tmp_path / 'cotune.db'}")
     assert_user_error(run_cli("best", "--study", "b", cwd=tmp_path), "--study 'b' is not in", "studies there: a")
 

@@ -105,7 +105,7 @@ def seeded_study(tmp_path: Path, fingerprint: dict, budget: int = 10) -> optuna.
         fingerprint=fingerprint, vocab_size=256, runs_dir=tmp_path / "runs", seed=5,
         world_size=search.check_hardware(space, str(CPU_SPACE), fingerprint),
     )
-    study = search.open_study(optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'seeded.db'}"), "seeded", settings)
+    study = search.create_or_resume_study(optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'seeded.db'}"), "seeded", settings)
     assert search.enqueue_baseline(study, settings) == ""
     search.run_search(study, settings, noisy_run)
     return study

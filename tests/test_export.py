@@ -1101,7 +1101,7 @@ def test_cli_exports_every_format_to_a_folder_and_warns_what_is_lost(tmp_path):
     (["--format", "keras"], "--format 'keras' is not a known format"),
     (["--format", "hf", "--pick", "trial:5"], "trial 5 ended 'oom'"),
     (["--format", "hf", "--pick", "trial:99"], "has no trial 99"),
-    (["--format", "hf", "--storage", "sqlite:///missing.db"], "no such database file"),
+    (["--format", "hf", "--storage", "sqlite:///missing.db"], "there is no database file missing.db"),
     (["--format", "hf", "-o", "no/such/folder/x.json"], "does not exist"),
 ])
 def test_cli_errors_are_one_sentence_and_exit_2(args, message, tmp_path):

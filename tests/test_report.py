@@ -62,7 +62,7 @@ def fake_study(tmp_path: Path, fingerprint: dict, run_fn, budget: int = 14, enqu
         "world_size": search.check_hardware(space, str(CPU_SPACE), fingerprint), **kw,
     })
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'fake.db'}")
-    study = search.open_study(storage, "fake", settings)
+    study = search.create_or_resume_study(storage, "fake", settings)
     for params in enqueue:
         study.enqueue_trial(params)
     search.run_search(study, settings, run_fn)

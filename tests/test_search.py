@@ -11,6 +11,7 @@ import pytest
 from cotune import derive, search
 from cotune.config import STATUSES, TrialConfig, TrialResult
 from cotune.errors import UserError
+from cotune.samplers import SAMPLERS
 from cotune.space import load_space
 from cotune.study import counted_trials, pareto_trials
 from tests.conftest import CPU_SPACE
@@ -38,7 +39,7 @@ def settings(fingerprint, tmp_path, **kw) -> search.SearchSettings:
 
 def open_study(tmp_path, s):
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}")
-    return search.open_study(storage, "t", s)
+    return search.create_or_resume_study(storage, "t", s)
 
 
 def test_search_fills_the_budget_and_records_everything(fingerprint, tmp_path):
@@ -197,7 +198,7 @@ def test_refuses_other_objectives_or_space(fingerprint, tmp_path):
         open_study(tmp_path, settings(fingerprint, tmp_path, space=changed))
 
 
-@pytest.mark.parametrize("sampler", sorted(search.SAMPLERS))
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
 def test_every_sampler_drives_the_search(fingerprint, tmp_path, sampler):
     s = settings(fingerprint, tmp_path, budget=14, sampler=sampler,
                  objectives=["tokens_per_second", "val_loss", "peak_memory"])
@@ -276,7 +277,7 @@ def test_the_baseline_is_a_new_studys_first_trial_and_the_report_measures_agains
     assert report_info(study).baseline_trial == 0  # the report's own test: every declared knob ran as declared
     assert search.enqueue_baseline(study, s) == "the study holds trials already"
     outside = s.space.model_copy(update={"baseline": {**declared, "learning_rate": 1.0}})
-    fresh = search.open_study(optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'other.db'}"), "o",
+    fresh = search.create_or_resume_study(optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'other.db'}"), "o",
                               settings(fingerprint, tmp_path, space=outside))
     assert search.enqueue_baseline(fresh, settings(fingerprint, tmp_path, space=outside)).startswith(
         "its learning_rate=1.0 is outside what the space's knobs.learning_rate allow ([0.0001, 0.03])")

@@ -10,7 +10,6 @@ Ties go to the lower trial number. Reads the study only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -19,7 +18,7 @@ from cotune.config import TrialConfig
 from cotune.errors import UserError
 from cotune.labels import label
 from cotune.report.front import knee_trial, pareto_configs
-from cotune.study import config_from_study, load
+from cotune.study import config_from_study
 
 # pick name: (metric key, direction); knee and trial:N are handled apart.
 BY_METRIC: dict[str, tuple[str, str]] = {
@@ -39,15 +38,6 @@ class Picked:
     why: str  # e.g. "the knee of the Pareto set of 11 trials"
     metrics: dict[str, Any]
     filled: list[str]  # config keys the stored config lacked (an older cotune), filled with today's defaults
-
-
-def open_study(storage_url: str, name: str | None) -> optuna.Study:
-    """Load the study to export from; a SQLite file that does not exist is an error, never created."""
-    if storage_url.startswith("sqlite:///"):
-        path = Path(storage_url[len("sqlite:///"):]).expanduser()
-        if str(path) != ":memory:" and not path.is_file():
-            raise UserError(f"--storage {storage_url!r}: no such database file {path}")
-    return load(storage_url, name)
 
 
 def pick_trial(study: optuna.Study, how: str) -> Picked:
