@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -23,6 +24,7 @@ from cotune.config import (
     TrialResult,
     WorkloadConfig,
 )
+from cotune.trial.measure import ANONYMOUS_PEAK_SOURCE
 from cotune.trial.model import GPT, GPTConfig
 from cotune.trial.train import learning_rate_at, run_trial
 from cotune.trial.workloads import apply_activation_checkpointing, build_model, get_workload
@@ -125,7 +127,7 @@ def test_ok_run_has_sane_metrics(ok_result: TrialResult) -> None:
     m = r.metrics
     keys = {
         "tokens_per_second", "val_loss", "step_time_mean_s", "step_time_std_s", "peak_memory_bytes",
-        "peak_memory_source", "mfu", "peak_flops", "peak_flops_source", "flops_per_token", "n_params",
+        "peak_memory_source", "peak_rss_bytes", "mfu", "peak_flops", "peak_flops_source", "flops_per_token", "n_params",
         "train_steps", "tokens_trained", "budget_steps",
     }  # fmt: skip
     assert set(m) == keys
@@ -134,7 +136,8 @@ def test_ok_run_has_sane_metrics(ok_result: TrialResult) -> None:
     # One timed step is 8 sequences x 64 tokens; throughput and mean step time must agree.
     assert m["tokens_per_second"] == pytest.approx(512 / m["step_time_mean_s"])
     assert 1.0 < m["val_loss"] < math.log(256)
-    assert m["peak_memory_bytes"] > 10 * 2**20 and m["peak_memory_source"] == "process peak RSS"
+    assert m["peak_memory_bytes"] > 10 * 2**20 and m["peak_memory_source"] == ANONYMOUS_PEAK_SOURCE
+    assert m["peak_rss_bytes"] > m["peak_memory_bytes"]  # the resident set adds file pages: libraries, corpus
     assert 0 < m["mfu"] < 1 and m["peak_flops"] > 1e8
     assert (m["budget_steps"], m["train_steps"], m["tokens_trained"]) == (40, 40, 40 * 512)
     assert m["n_params"] == build_model(BASE.workload).n_params()
@@ -264,7 +267,69 @@ def test_cpu_peak_memory_is_the_trial_process_own(tmp_path: Path) -> None:
 
     ballast = bytearray(600 * 2**20)  # this process now holds 600 MiB more than a child will
     ballast[:: 4096] = b"x" * len(ballast[:: 4096])  # touch every page so it is resident
-    child = "from cotune.trial.measure import peak_memory; import torch; print(peak_memory(torch.device('cpu'))[0])"
+    child = ("from cotune.trial.measure import peak_memory; import torch; "
+             "print(peak_memory(torch.device('cpu'))['peak_memory_bytes'])")
     out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True, timeout=120)
     del ballast
     assert int(out.stdout) < 550 * 2**20  # torch's runtime is ~400 MiB; the parent's extra 600 MiB is not counted
+
+
+# ---------------------------------------------------------------------------- peak memory on CPU
+
+MIB = 2**20
+
+def _memory_of(config: TrialConfig, cache: Path, folder: Path) -> dict:
+    """The memory metrics of ``config`` run in its own process (``python -m cotune.trial``)."""
+    folder.mkdir()
+    (folder / "config.json").write_text(config.to_json())
+    proc = _run_module(folder / "config.json", "--result", folder / "result.json", "--cache-dir", cache)
+    assert proc.returncode == 0, proc.stderr
+    result = TrialResult.load(folder / "result.json")
+    assert result.status == "ok", result.reason
+    return result.metrics
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the anonymous peak needs Linux's /proc")
+def test_a_bigger_corpus_does_not_look_like_a_bigger_model(cache: Path, tmp_path: Path) -> None:
+    """The same trial over a 128 MiB and a 128 KiB token file: the memory-mapped corpus pages the batches
+    touch raise the resident set's peak (the old figure), not the anonymous peak (the objective).
+
+    Tolerance: both runs allocate the same tensors (same shapes and seed; only the token values
+    differ), so their anonymous peaks differ by one trial's run-to-run spread, under 3 MiB over
+    repeated runs here: allow 4 MiB. Every window read maps at least the 4 KiB page it lies in,
+    so the resident peak must grow by 1,664 pages (6.5 MiB) at least, more than that allowance;
+    with the page cache's large folios it grows by over 100 MiB here.
+    """
+    # BASE's model on short windows, 64 a step: 24 steps read 1,536 windows, evaluation 128 more.
+    config = dataclasses.replace(
+        with_(BASE, workload={"seq_len": 16}, run={"token_budget": 64 * 16 * 24}),
+        batch=BatchConfig(micro_batch_size=32, global_batch_size=64, grad_accum_steps=2),
+    )
+    windows_read = 64 * 24 + 2048 // 16
+    from cotune.data import prepare_data
+
+    rng = np.random.default_rng(0)
+    small, big = tmp_path / "small.bin", tmp_path / "big.bin"
+    rng.integers(0, 256, size=64 * 2**10, dtype=np.uint16).tofile(small)
+    rng.integers(0, 256, size=64 * MIB, dtype=np.uint16).tofile(big)
+    for corpus in (small, big):  # its vocabulary scan (which reads all of it) cached before the trial
+        prepare_data(str(corpus), cache)
+    m_small, m_big = (_memory_of(with_(config, workload={"data": str(c)}), cache, tmp_path / c.stem)
+                      for c in (small, big))
+    assert m_big["peak_memory_source"] == m_small["peak_memory_source"] == ANONYMOUS_PEAK_SOURCE
+    assert m_big["peak_rss_bytes"] - m_small["peak_rss_bytes"] >= windows_read * 4096
+    assert abs(m_big["peak_memory_bytes"] - m_small["peak_memory_bytes"]) <= 4 * MIB
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the anonymous peak needs Linux's /proc")
+def test_a_model_four_times_larger_reports_a_larger_peak(cache: Path, tmp_path: Path) -> None:
+    """4 layers 128 wide (0.83 M parameters) against 256 wide (3.2 M): at the optimizer step the
+    parameters, their gradients and AdamW's two moments are all alive in fp32, so the anonymous peak
+    must grow by 16 bytes per added parameter at least (activations come on top)."""
+    sizes = [with_(BASE, workload={"n_layer": 4, "n_embd": width}, run={"token_budget": 8 * 64 * 6})
+             for width in (128, 256)]
+    m_small, m_big = (_memory_of(c, cache, tmp_path / f"w{c.workload.n_embd}") for c in sizes)
+    assert 3.5 < m_big["n_params"] / m_small["n_params"] < 4.5
+    assert m_big["peak_memory_bytes"] - m_small["peak_memory_bytes"] >= 16 * (m_big["n_params"] - m_small["n_params"])

@@ -49,31 +49,111 @@ def subsample(curve: list[list[float]], max_points: int) -> list[list[float]]:
     return [curve[i] for i in keep]
 
 
-def peak_memory(device: torch.device) -> tuple[int, str]:
-    """The allocator's peak on GPU, else the process's peak resident set; bytes and which one it is."""
+def peak_memory(device: torch.device, host: HostMemory | None = None) -> dict[str, int | str]:
+    """This process's peak memory as trial metrics: ``peak_memory_bytes`` and ``peak_memory_source`` saying what it is.
+
+    GPU: the caching allocator's peak of allocated bytes, and of reserved bytes
+    (``peak_memory_reserved_bytes``: what the allocator held from the driver, fragmentation
+    included). CPU: the anonymous peak ``host`` kept (see :class:`HostMemory`; it takes a last
+    checkpoint here), and the whole resident set's peak beside it (``peak_rss_bytes``: file-backed
+    pages included); where no anonymous peak can be had, the resident set's peak, so labelled.
+    """
     if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device)), "cuda allocator peak"
-    hwm = _vm_hwm_bytes()
-    if hwm is not None:
-        return hwm, "process peak RSS"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return int(rss if sys.platform == "darwin" else rss * 1024), "process peak RSS"
+        return {
+            "peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)),
+            "peak_memory_reserved_bytes": int(torch.cuda.max_memory_reserved(device)),
+            "peak_memory_source": "cuda allocator peak",
+        }
+    if host is not None and host.resettable:
+        host.checkpoint()
+        return {"peak_memory_bytes": host.anonymous_peak, "peak_rss_bytes": host.rss_peak,
+                "peak_memory_source": ANONYMOUS_PEAK_SOURCE}
+    status = _proc_status()
+    if status is not None:
+        rss = status["VmHWM"]
+    else:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        rss = int(rss if sys.platform == "darwin" else rss * 1024)
+    return {"peak_memory_bytes": rss, "peak_rss_bytes": rss,
+            "peak_memory_source": "process peak RSS (file-backed pages included: the anonymous peak needs Linux's "
+                                  "/proc/self/clear_refs)"}
 
 
-def _vm_hwm_bytes() -> int | None:
-    """This process's own RSS high-water mark from /proc (Linux), or None elsewhere.
+ANONYMOUS_PEAK_SOURCE = ("anonymous peak (VmHWM less file-backed and shared pages; the mark reset after the data "
+                         "is mapped and between untimed steps)")
 
-    getrusage's ru_maxrss is not it: Linux carries the launching process's peak across
-    fork and exec, so a trial started by a larger process would report the parent's peak.
+
+class HostMemory:
+    """The peak of this process's anonymous memory (heap, tensors, stacks: what the model needs) on Linux.
+
+    Linux keeps a peak of the whole resident set only (VmHWM), which also counts file-backed
+    pages: the shared libraries' code and every page of the memory-mapped corpus a batch
+    touched (with large page-cache folios up to 2 MiB per window read, so a bigger corpus would
+    look like a bigger model). ``RssAnon`` is the current value only. So the mark is reset
+    (``/proc/self/clear_refs`` "5", Linux 4.0+) when the data is mapped and at every
+    :meth:`checkpoint`, where the interval's VmHWM less the file-backed and shared (tmpfs)
+    pages resident at its end is taken. That is the anonymous peak of the interval, or below it
+    by the file pages mapped after that peak within the interval (they are counted in the
+    end's figure but were not resident at the peak): never above it. The train loop checkpoints
+    after every untimed step, whose batch's windows are read before the step computes anything,
+    so only library code loaded lazily late in a step can fall after its peak; nothing runs
+    inside the timed window, which ends at a checkpoint. Outside Linux ``resettable`` is False.
+
+    ``rss_peak`` is the whole resident set's peak over the process's life (VmHWM before the
+    first reset, and of every interval since), the figure the anonymous peak replaces.
+    """
+
+    def __init__(self) -> None:
+        self.anonymous_peak = 0  # bytes
+        self.rss_peak = 0  # bytes
+        status = _proc_status()
+        self.resettable = status is not None and _reset_peak_rss()
+        if status is not None:
+            self.rss_peak = status["VmHWM"]
+            self.anonymous_peak = status["VmRSS"] - status["RssFile"] - status["RssShmem"]  # now, at the reset
+
+    def checkpoint(self) -> None:
+        """Fold the interval since the last reset into the peaks, and reset the mark for the next one."""
+        if not self.resettable:
+            return
+        status = _proc_status()
+        if status is None:
+            return
+        self.rss_peak = max(self.rss_peak, status["VmHWM"])
+        self.anonymous_peak = max(self.anonymous_peak, status["VmHWM"] - status["RssFile"] - status["RssShmem"])
+        _reset_peak_rss()
+
+
+_STATUS_FIELDS = ("VmHWM", "VmRSS", "RssFile", "RssShmem")
+
+
+def _proc_status() -> dict[str, int] | None:
+    """VmHWM, VmRSS, RssFile and RssShmem of this process in bytes, read at once from /proc (Linux), else None.
+
+    Its own figures: getrusage's ru_maxrss is not VmHWM, as Linux carries the launching process's
+    peak across fork and exec, so a trial started by a larger process would report the parent's.
     """
     try:
         with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # kB
+            lines = f.read().splitlines()
     except OSError:
         return None
-    return None
+    out = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        if name in _STATUS_FIELDS:
+            out[name] = int(value.split()[0]) * 1024  # kB
+    return out if len(out) == len(_STATUS_FIELDS) else None
+
+
+def _reset_peak_rss() -> bool:
+    """Set this process's VmHWM to its current RSS; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
 
 
 def is_oom(e: BaseException) -> bool:

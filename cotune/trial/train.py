@@ -2,7 +2,8 @@
 
 The measurement rules are DESIGN.md's: throughput over steady-state steps only, each
 timed after a device synchronise; validation loss on fixed held-out windows after a
-fixed *token* budget; the allocator's (GPU) or the process's (CPU) peak memory; MFU
+fixed *token* budget; the allocator's peak memory (GPU) or the process's anonymous peak (CPU:
+heap and tensors, not the memory-mapped corpus); MFU
 from 6N + 12·L·d·T FLOPs per token over a peak FLOP/s whose source is recorded.
 A diverged, out-of-memory or unrunnable config is a result, not an exception; any
 other exception propagates (the runner classifies it as a crash).
@@ -144,6 +145,8 @@ def _run(
     t = time.perf_counter()
     data, train_tokens, val_tokens = _load_data(config, cache_dir)
     phases["data"] = time.perf_counter() - t
+    # CPU: the anonymous peak from here on (the data mapped, not read; a corpus built on a cache miss excluded)
+    host_memory = measure.HostMemory() if d.device.type == "cpu" else None
 
     t = time.perf_counter()
     trainer, n_params = build_trainer(config, d, data, train_tokens)
@@ -151,7 +154,7 @@ def _run(
 
     flops_per_token = measure.flops_per_token(n_params, config.workload)
     metrics: dict = {"n_params": n_params, "flops_per_token": flops_per_token, "budget_steps": config.budget_steps}
-    run = train(config, trainer, val_tokens, phases)
+    run = train(config, trainer, val_tokens, phases, host_memory)
     if run.diverged:
         metrics.update(train_steps=run.steps, tokens_trained=run.steps * config.batch.global_batch_size
                        * config.workload.seq_len)
@@ -159,7 +162,7 @@ def _run(
                            phase_seconds=phases, reason=run.diverged)
 
     t = time.perf_counter()
-    metrics.update(_measure(config, d, run, flops_per_token, cache_dir))
+    metrics.update(_measure(config, d, run, flops_per_token, cache_dir, host_memory))
     if trainer.scaler.enabled:  # optimizer steps fp16 skipped on overflow (every rank skips the same ones)
         metrics["fp16_skipped_steps"] = trainer.scaler.skipped
     phases["peak_flops"] = time.perf_counter() - t
@@ -234,14 +237,16 @@ class TrainingRun:
     diverged: str = ""  # why, if the training loss stopped being finite
 
 
-def train(config: TrialConfig, trainer: Trainer, val_tokens: np.ndarray, phases: dict[str, float]) -> TrainingRun:
+def train(config: TrialConfig, trainer: Trainer, val_tokens: np.ndarray, phases: dict[str, float],
+          host_memory: measure.HostMemory | None = None) -> TrainingRun:
     """Train to the token budget, timing steps [warmup_steps, warmup_steps + measured_steps), then evaluate.
 
     The timed window holds training steps and nothing else, in every layout: each step is
     timed between device synchronisations, and the losses it produced stay on the device
     until the window ends, when one reduction over the ranks reads them all (outside the
     window they are read after every step). The validation loss is taken after the last
-    step; the budget holds the timed window (a rule checked before launch).
+    step; the budget holds the timed window (a rule checked before launch). ``host_memory``
+    (CPU) takes a checkpoint wherever the losses are read, never between two timed steps.
     """
     run, device = config.run, trainer.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -269,6 +274,8 @@ def train(config: TrialConfig, trainer: Trainer, val_tokens: np.ndarray, phases:
                     out.diverged = (f"training loss became {loss} at step {first + k + 1} of {budget_steps} "
                                     f"(learning rate {learning_rate_at(first + k, config.optimizer, budget_steps):.3g})")
             pending.clear()
+            if host_memory is not None:
+                host_memory.checkpoint()
         phase = "warmup" if step < timed.start else "measured" if step in timed else "rest_and_eval"
         phases[phase] += time.perf_counter() - t_iter
         out.steps = step + 1
@@ -280,13 +287,16 @@ def train(config: TrialConfig, trainer: Trainer, val_tokens: np.ndarray, phases:
     return out
 
 
-def _measure(config: TrialConfig, d: Dist, run: TrainingRun, flops_per_token: int, cache_dir: Path) -> dict:
+def _measure(config: TrialConfig, d: Dist, run: TrainingRun, flops_per_token: int, cache_dir: Path,
+             host_memory: measure.HostMemory | None = None) -> dict:
     """Throughput (the slowest rank's steps), peak memory (the fullest rank's), MFU; the loss is the run's."""
     step_times = run.step_times
-    peak_memory, memory_source = measure.peak_memory(d.device)
-    if d.world_size > 1:  # the slowest rank sets the pace; the fullest rank sets the memory need
-        *step_times, peak_memory = d.max([*step_times, float(peak_memory)])
-        peak_memory = int(peak_memory)
+    memory = measure.peak_memory(d.device, host_memory)
+    byte_keys = sorted(k for k, v in memory.items() if isinstance(v, int))  # the same keys on every rank
+    if d.world_size > 1:  # the slowest rank sets the pace; the fullest rank sets the memory need (each figure's)
+        maxima = d.max([*step_times, *(float(memory[k]) for k in byte_keys)])  # float64: bytes stay exact
+        step_times = maxima[: len(step_times)]
+        memory.update({k: int(v) for k, v in zip(byte_keys, maxima[len(step_times):], strict=True)})
     tokens_per_step = config.batch.global_batch_size * config.workload.seq_len
     tokens_per_second = len(step_times) * tokens_per_step / sum(step_times)
     # The cached figure, never raised here (a search replaces it with its study's, one for every trial).
@@ -296,8 +306,7 @@ def _measure(config: TrialConfig, d: Dist, run: TrainingRun, flops_per_token: in
         "val_loss": run.val_loss,
         "step_time_mean_s": float(np.mean(step_times)),
         "step_time_std_s": float(np.std(step_times, ddof=1)) if len(step_times) > 1 else 0.0,
-        "peak_memory_bytes": peak_memory,
-        "peak_memory_source": memory_source,
+        **memory,  # peak_memory_bytes, peak_memory_source and the device's second figure
         "mfu": flops_per_token * tokens_per_second / (peak_flops * config.parallel.world_size),
         "peak_flops": peak_flops,
         "peak_flops_source": peak_source,
