@@ -169,9 +169,11 @@ def _probe() -> dict[str, Any]:
     import psutil
     import torch
 
-    # Resident memory of a process that has imported torch: the base of a CPU trial's peak RSS
-    # (cotune.memory adds what a trial imports beyond it). Taken before any CUDA initialisation.
-    runtime_rss = psutil.Process().memory_info().rss
+    # Resident memory of a process that has imported torch, before any CUDA initialisation; its
+    # anonymous part (Linux: RSS less the file-backed and shared pages, i.e. RssAnon) is the base of
+    # a CPU trial's measured peak (cotune.memory adds what a trial imports beyond it).
+    rss = psutil.Process().memory_info()
+    runtime_rss, runtime_anonymous = rss.rss, (rss.rss - rss.shared if hasattr(rss, "shared") else None)
     gpus = []
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
@@ -188,6 +190,7 @@ def _probe() -> dict[str, Any]:
         "gpus": gpus,
         "machine": platform.machine(),
         "cpu_runtime_bytes": runtime_rss,
+        "cpu_runtime_anonymous_bytes": runtime_anonymous,
     }
     software = {
         "python": platform.python_version(),

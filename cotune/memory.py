@@ -24,8 +24,9 @@ What is counted, per rank, in bytes:
   fp32 (the trial casts the (B, T, V) logits to float for the cross-entropy).
 - buffers: backward temporaries, optimizer temporaries, FSDP's unsharded root and block,
   DDP's gradient buckets, pipeline receive buffers.
-- runtime: the process before any model memory (the CPU RSS of Python + torch; for the
-  CUDA allocator's peak only the cuBLAS workspace). On CPU also glibc's heap slack.
+- runtime: the process before any model memory (on CPU the anonymous memory of Python +
+  torch, as the trial measures its anonymous peak; for the CUDA allocator's peak only the
+  cuBLAS workspace). On CPU also glibc's heap slack.
 
 The peak is the largest of the moments of a step where one can fall: the start of the
 loss's backward, the backward of a stage's last block (the most activations) and of its
@@ -49,16 +50,18 @@ I64 = 8  # bytes: token ids and targets
 COMPUTE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # bytes per activation element in the compute dtype
 GIB = 2**30
 
-# What a CPU trial process holds beyond ``import torch`` before its model exists: torch._dynamo
-# (train.py imports it; every torch.optim optimizer does) is about 150 MiB of code and data with
-# torch 2.13, numpy, the autograd engine's and the optimizer's first allocations another 20 MiB.
-# Measured here: a one-layer, 16-wide trial peaks at 389-395 MiB RSS; `import torch` alone is 220 MiB.
-CPU_TRIAL_IMPORTS_BYTES = 170 * 2**20
+# What a CPU trial process holds beyond ``import torch`` before its model exists, in anonymous
+# memory (what a CPU trial's peak counts; the libraries' file-backed code pages are not in it):
+# torch._dynamo (train.py imports it; every torch.optim optimizer does) is about 76 MiB with
+# torch 2.13, numpy, the autograd engine's and the optimizer's first allocations another 2 MiB.
+# Measured here (benchmarks/memory_model.py): a one-layer, 16-wide trial peaks at 223.0 MiB
+# anonymous over 4 runs (383 MiB RSS); `import torch` alone is 145 MiB anonymous (220 MiB RSS).
+CPU_TRIAL_IMPORTS_BYTES = 78 * 2**20
 # glibc malloc keeps freed memory in its heap: after the first free of a large (mmapped) block
 # its dynamic mmap threshold rises to that size (up to 32 MiB), later tensors come from the heap,
 # and the heap's high-water mark ends above the live-tensor peak. Measured with torch 2.13 on
-# glibc 2.36 (benchmarks/memory_model.py): a CPU trial's RSS beyond the runtime, parameters and
-# optimizer state is about 1.3x what an uncheckpointed step's other tensors peak at, and 1.1x that
+# glibc 2.36 (benchmarks/memory_model.py): a CPU trial's peak beyond the runtime, parameters and
+# optimizer state (calibrated on RSS, still within 4% on the anonymous peak) is about 1.3x what an uncheckpointed step's other tensors peak at, and 1.1x that
 # same figure with checkpointing (the recomputation churns through as much memory as the
 # uncheckpointed step held). With MALLOC_MMAP_THRESHOLD_ fixed it is the live-tensor peak.
 CPU_HEAP_RETENTION = {False: 1.3, True: 1.1}  # by activation_checkpointing
@@ -392,10 +395,16 @@ def _rank_peak(config: TrialConfig, pp_rank: int, runtime_bytes: float) -> Memor
 
 def runtime_bytes(fingerprint: dict[str, Any], device: str) -> float:
     """What a trial process holds before its model: 0 on CUDA (the allocator's peak), else
-    the fingerprint's RSS after ``import torch`` plus what a trial imports beyond it."""
+    the fingerprint's anonymous memory after ``import torch`` plus what a trial imports beyond it.
+
+    A fingerprint without the anonymous figure (taken off Linux, or by an older cotune) gives its
+    RSS instead, which also counts torch's file-backed code (about 75 MiB more with torch 2.13).
+    """
     if device == "cuda":
         return 0.0
-    return float(fingerprint["hardware"].get("cpu_runtime_bytes", 0)) + CPU_TRIAL_IMPORTS_BYTES
+    hw = fingerprint["hardware"]
+    anonymous = hw.get("cpu_runtime_anonymous_bytes")
+    return float(hw.get("cpu_runtime_bytes", 0) if anonymous is None else anonymous) + CPU_TRIAL_IMPORTS_BYTES
 
 
 def capacity_bytes(fingerprint: dict[str, Any], device: str, nproc: int) -> float:
