@@ -119,6 +119,14 @@ def _confirmed_points(fig: go.Figure, info: ReportInfo) -> None:
         # A rerun count below two has no interval: no bar (None) rather than a bar of zero.
         half = {m: [None if math.isnan(x[m].half_width) else x[m].half_width for x in s]
                 for m in ("tokens_per_second", "val_loss")}
+        # A faint line from each config's search run to its confirmed mean says which circle is whose.
+        xs: list[float | None] = []
+        ys: list[float | None] = []
+        for n, x in zip(numbers, s):
+            xs += [float(info.frame.at[n, "tokens_per_second"]), x["tokens_per_second"].mean, None]
+            ys += [float(info.frame.at[n, "val_loss"]), x["val_loss"].mean, None]
+        fig.add_scatter(x=xs, y=ys, mode="lines", line=dict(color=colour, width=1, dash="dot"), opacity=0.5,
+                        hoverinfo="skip", showlegend=False)
         fig.add_scatter(
             x=[x["tokens_per_second"].mean for x in s], y=[x["val_loss"].mean for x in s], mode="markers",
             name=f"{what} confirmed: mean ± {c.level:.0%} interval", meta="confirmed",
