@@ -3,10 +3,11 @@
 Each config runs as a real trial (its own process, as the search runs it) and its
 measured peak is set beside ``memory.estimate``: on CPU the process's anonymous peak (heap and
 tensors, not the libraries' code or the memory-mapped corpus), which includes the Python + torch
-runtime (the fingerprint's baseline), on GPU the CUDA allocator's peak (no runtime term). On CPU each config also runs once more with its live
-tensors tracked (every storage an op creates, until freed; in this process, or each rank
-under torchrun), the figure the CUDA allocator would report, beside the estimate's tensor
-part: that isolates the model from the runtime and from glibc's heap.
+runtime (the fingerprint's baseline), on GPU the CUDA allocator's peak (no runtime term). On
+CPU each config also runs once more with its live tensors tracked (every storage an op creates,
+until freed; in this process, or each rank under torchrun), the figure the CUDA allocator would
+report, beside the estimate's tensor part: that isolates the model from the runtime and from
+glibc's heap.
 
     python benchmarks/memory_model.py              # CPU sweep, about 3 minutes on 2 cores
     python benchmarks/memory_model.py --parallel   # ... plus 2-process layouts (dp, fsdp, tp, pp): 3 more minutes
@@ -185,8 +186,9 @@ def main() -> None:
         tmp = Path(tmp_name)
         base = measured_peak(trial_config(MINIMAL, 1, "fp32", False, "cpu"), tmp, cache_dir) if cpu else 0.0
         if cpu:
+            anonymous = fingerprint["hardware"].get("cpu_runtime_anonymous_bytes") or 0
             print(f"runtime: fingerprint anonymous memory after `import torch` "
-                  f"{fingerprint['hardware'].get('cpu_runtime_anonymous_bytes', 0) / MIB:.0f} MiB + trial imports "
+                  f"{anonymous / MIB:.0f} MiB + trial imports "
                   f"{memory.CPU_TRIAL_IMPORTS_BYTES / MIB:.0f} MiB = {runtime / MIB:.0f} MiB estimated; "
                   f"a minimal trial ({MINIMAL.n_layer} layer, {MINIMAL.n_embd} wide) peaks at {base / MIB:.0f} MiB",
                   flush=True)

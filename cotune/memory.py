@@ -61,9 +61,11 @@ CPU_TRIAL_IMPORTS_BYTES = 78 * 2**20
 # its dynamic mmap threshold rises to that size (up to 32 MiB), later tensors come from the heap,
 # and the heap's high-water mark ends above the live-tensor peak. Measured with torch 2.13 on
 # glibc 2.36 (benchmarks/memory_model.py): a CPU trial's peak beyond the runtime, parameters and
-# optimizer state (calibrated on RSS, still within 4% on the anonymous peak) is about 1.3x what an uncheckpointed step's other tensors peak at, and 1.1x that
+# optimizer state is about 1.3x what an uncheckpointed step's other tensors peak at, and 1.1x that
 # same figure with checkpointing (the recomputation churns through as much memory as the
 # uncheckpointed step held). With MALLOC_MMAP_THRESHOLD_ fixed it is the live-tensor peak.
+# Calibrated on the peak RSS; against the anonymous peak the estimate's part beyond the runtime
+# is 0-16% low for the benchmark's 4-layer configs (it was 4-18% low on RSS).
 CPU_HEAP_RETENTION = {False: 1.3, True: 1.1}  # by activation_checkpointing
 # cuBLAS/cuBLASLt workspaces that torch takes from the caching allocator, so they show in
 # torch.cuda.max_memory_allocated (32 MiB per handle on Hopper; less on older GPUs).

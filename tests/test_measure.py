@@ -15,7 +15,9 @@ import pytest
 
 MIB = 2**20
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/clear_refs is Linux's")
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="clear_refs is Linux's")
+# Read one byte of every page of the file through a memory map, as batches read the corpus.
+READ_EVERY_PAGE = "keep.append(np.memmap(path, dtype=np.uint8, mode='r')); int(keep[0][::4096].sum())"
 
 # Prints the HostMemory figures, in MiB, after each step of a script; steps see `path` and `keep`.
 CHILD = """
@@ -54,8 +56,7 @@ def test_mapped_file_pages_raise_the_resident_peak_but_not_the_anonymous_one(cor
     r = _child(
         corpus,
         "host.checkpoint()",
-        # Read one byte of every page of the file through a memory map, as batches read the corpus.
-        "keep.append(np.memmap(path, dtype=np.uint8, mode='r')); int(keep[0][::4096].sum()); host.checkpoint()",
+        READ_EVERY_PAGE + "; host.checkpoint()",
     )
     assert r["resettable"]
     before, after = r["steps"]
@@ -73,10 +74,10 @@ def test_an_anonymous_peak_freed_before_the_checkpoint_is_kept(corpus: Path) -> 
     r = _child(
         corpus,
         "host.checkpoint()",
-        "b = np.ones(256 * 2**20, dtype=np.uint8); del b; host.checkpoint()",  # 256 MiB written, then unmapped
-        "keep.append(np.memmap(path, dtype=np.uint8, mode='r')); int(keep[0][::4096].sum()); host.checkpoint()",
+        "b = np.ones(256 * 2**20, dtype=np.uint8); del b; host.checkpoint()",  # 256 MiB written, unmapped
+        READ_EVERY_PAGE + "; host.checkpoint()",
     )
     start, freed, mapped = r["steps"]
     assert 250 <= freed["anonymous"] - start["anonymous"] <= 262  # the buffer, plus little else
     assert mapped["anonymous"] == freed["anonymous"]  # later file pages neither add to nor hide it
-    assert mapped["rss"] == freed["rss"]  # 96 MiB of file pages stay below the 256 MiB peak of the resident set
+    assert mapped["rss"] == freed["rss"]  # 96 MiB of file pages stay below the resident set's 256 MiB peak

@@ -206,7 +206,7 @@ def test_capacity_and_runtime_come_from_the_fingerprint() -> None:
     assert memory.capacity_bytes(fp, "cuda", 2) == 40 * GIB  # the smallest GPU a rank may get
     assert memory.capacity_bytes(fp, "cpu", 4) == 16 * GIB  # the host shared by 4 processes
     assert memory.runtime_bytes(fp, "cuda") == 0.0
-    assert memory.runtime_bytes(fp, "cpu") == 200 * 2**20 + memory.CPU_TRIAL_IMPORTS_BYTES  # an older fingerprint's RSS
+    assert memory.runtime_bytes(fp, "cpu") == 200 * 2**20 + memory.CPU_TRIAL_IMPORTS_BYTES  # an old one: RSS
     fp["hardware"]["cpu_runtime_anonymous_bytes"] = 130 * 2**20  # what a CPU trial's peak counts, where known
     assert memory.runtime_bytes(fp, "cpu") == 130 * 2**20 + memory.CPU_TRIAL_IMPORTS_BYTES
     est = memory.estimate(config(), runtime_bytes=memory.runtime_bytes(fp, "cpu"))
@@ -216,7 +216,7 @@ def test_capacity_and_runtime_come_from_the_fingerprint() -> None:
 def test_the_real_fingerprint_records_the_runtime(fingerprint: dict) -> None:
     hw = fingerprint["hardware"]
     assert 50 * 2**20 < hw["cpu_runtime_bytes"] < 4 * GIB
-    if sys.platform.startswith("linux"):  # torch's code is file-backed: part of the RSS, not of the anonymous memory
+    if sys.platform.startswith("linux"):  # torch's code is file-backed: in the RSS, not the anonymous memory
         assert 50 * 2**20 < hw["cpu_runtime_anonymous_bytes"] < hw["cpu_runtime_bytes"] - 20 * 2**20
 
 

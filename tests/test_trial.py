@@ -329,8 +329,9 @@ def test_a_model_four_times_larger_reports_a_larger_peak(cache: Path, tmp_path: 
     """4 layers 128 wide (0.83 M parameters) against 256 wide (3.2 M): at the optimizer step the
     parameters, their gradients and AdamW's two moments are all alive in fp32, so the anonymous peak
     must grow by 16 bytes per added parameter at least (activations come on top)."""
-    two_steps = {"warmup_steps": 1, "measured_steps": 1, "token_budget": 8 * 64 * 2}  # the second has AdamW's state
+    two_steps = {"warmup_steps": 1, "measured_steps": 1, "token_budget": 8 * 64 * 2}  # step 2 holds AdamW's
     sizes = [with_(BASE, workload={"n_layer": 4, "n_embd": width}, run=two_steps) for width in (128, 256)]
     m_small, m_big = (_memory_of(c, cache, tmp_path / f"w{c.workload.n_embd}") for c in sizes)
     assert 3.5 < m_big["n_params"] / m_small["n_params"] < 4.5
-    assert m_big["peak_memory_bytes"] - m_small["peak_memory_bytes"] >= 16 * (m_big["n_params"] - m_small["n_params"])
+    added = m_big["n_params"] - m_small["n_params"]
+    assert m_big["peak_memory_bytes"] - m_small["peak_memory_bytes"] >= 16 * added

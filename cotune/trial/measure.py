@@ -50,7 +50,8 @@ def subsample(curve: list[list[float]], max_points: int) -> list[list[float]]:
 
 
 def peak_memory(device: torch.device, host: HostMemory | None = None) -> dict[str, int | str]:
-    """This process's peak memory as trial metrics: ``peak_memory_bytes`` and ``peak_memory_source`` saying what it is.
+    """This process's peak memory as trial metrics: ``peak_memory_bytes``, and ``peak_memory_source``
+    saying what it is.
 
     GPU: the caching allocator's peak of allocated bytes, and of reserved bytes
     (``peak_memory_reserved_bytes``: what the allocator held from the driver, fragmentation
@@ -75,12 +76,12 @@ def peak_memory(device: torch.device, host: HostMemory | None = None) -> dict[st
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
         rss = int(rss if sys.platform == "darwin" else rss * 1024)
     return {"peak_memory_bytes": rss, "peak_rss_bytes": rss,
-            "peak_memory_source": "process peak RSS (file-backed pages included: the anonymous peak needs Linux's "
-                                  "/proc/self/clear_refs)"}
+            "peak_memory_source": "process peak RSS (file-backed pages included: the anonymous peak needs "
+                                  "Linux's /proc/self/clear_refs)"}
 
 
-ANONYMOUS_PEAK_SOURCE = ("anonymous peak (VmHWM less file-backed and shared pages; the mark reset after the data "
-                         "is mapped and between untimed steps)")
+ANONYMOUS_PEAK_SOURCE = ("anonymous peak (VmHWM less file-backed and shared pages; the mark reset after the "
+                         "data is mapped and between untimed steps)")
 
 
 class HostMemory:
@@ -95,9 +96,10 @@ class HostMemory:
     pages resident at its end is taken. That is the anonymous peak of the interval, or below it
     by the file pages mapped after that peak within the interval (they are counted in the
     end's figure but were not resident at the peak): never above it. The train loop checkpoints
-    after every untimed step, whose batch's windows are read before the step computes anything,
-    so only library code loaded lazily late in a step can fall after its peak; nothing runs
-    inside the timed window, which ends at a checkpoint. Outside Linux ``resettable`` is False.
+    after every step that no timed step follows; a step reads its batch's windows before it
+    computes anything, so only library code loaded lazily late in a step can fall after its
+    peak. Nothing runs inside the timed window, which is one interval (with the warm-up step
+    before it). Outside Linux ``resettable`` is False.
 
     ``rss_peak`` is the whole resident set's peak over the process's life (VmHWM before the
     first reset, and of every interval since), the figure the anonymous peak replaces.
@@ -110,7 +112,7 @@ class HostMemory:
         self.resettable = status is not None and _reset_peak_rss()
         if status is not None:
             self.rss_peak = status["VmHWM"]
-            self.anonymous_peak = status["VmRSS"] - status["RssFile"] - status["RssShmem"]  # now, at the reset
+            self.anonymous_peak = _anonymous(status, "VmRSS")  # now, at the reset
 
     def checkpoint(self) -> None:
         """Fold the interval since the last reset into the peaks, and reset the mark for the next one."""
@@ -120,7 +122,7 @@ class HostMemory:
         if status is None:
             return
         self.rss_peak = max(self.rss_peak, status["VmHWM"])
-        self.anonymous_peak = max(self.anonymous_peak, status["VmHWM"] - status["RssFile"] - status["RssShmem"])
+        self.anonymous_peak = max(self.anonymous_peak, _anonymous(status, "VmHWM"))
         _reset_peak_rss()
 
 
@@ -128,7 +130,7 @@ _STATUS_FIELDS = ("VmHWM", "VmRSS", "RssFile", "RssShmem")
 
 
 def _proc_status() -> dict[str, int] | None:
-    """VmHWM, VmRSS, RssFile and RssShmem of this process in bytes, read at once from /proc (Linux), else None.
+    """VmHWM, VmRSS, RssFile and RssShmem of this process in bytes, read at once from /proc (Linux), or None.
 
     Its own figures: getrusage's ru_maxrss is not VmHWM, as Linux carries the launching process's
     peak across fork and exec, so a trial started by a larger process would report the parent's.
@@ -144,6 +146,11 @@ def _proc_status() -> dict[str, int] | None:
         if name in _STATUS_FIELDS:
             out[name] = int(value.split()[0]) * 1024  # kB
     return out if len(out) == len(_STATUS_FIELDS) else None
+
+
+def _anonymous(status: dict[str, int], resident: str) -> int:
+    """``status[resident]`` (VmRSS or VmHWM) less the file-backed and shared (tmpfs) pages resident now."""
+    return status[resident] - status["RssFile"] - status["RssShmem"]
 
 
 def _reset_peak_rss() -> bool:

@@ -145,7 +145,8 @@ def _run(
     t = time.perf_counter()
     data, train_tokens, val_tokens = _load_data(config, cache_dir)
     phases["data"] = time.perf_counter() - t
-    # CPU: the anonymous peak from here on (the data mapped, not read; a corpus built on a cache miss excluded)
+    # CPU: the anonymous peak from here on (the data mapped, not read; building a corpus on a cache miss
+    # is not the model's memory)
     host_memory = measure.HostMemory() if d.device.type == "cpu" else None
 
     t = time.perf_counter()
@@ -293,7 +294,7 @@ def _measure(config: TrialConfig, d: Dist, run: TrainingRun, flops_per_token: in
     step_times = run.step_times
     memory = measure.peak_memory(d.device, host_memory)
     byte_keys = sorted(k for k, v in memory.items() if isinstance(v, int))  # the same keys on every rank
-    if d.world_size > 1:  # the slowest rank sets the pace; the fullest rank sets the memory need (each figure's)
+    if d.world_size > 1:  # the slowest rank sets the pace; the fullest rank sets each memory figure
         maxima = d.max([*step_times, *(float(memory[k]) for k in byte_keys)])  # float64: bytes stay exact
         step_times = maxima[: len(step_times)]
         memory.update({k: int(v) for k, v in zip(byte_keys, maxima[len(step_times):], strict=True)})
