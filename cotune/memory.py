@@ -65,7 +65,7 @@ CPU_TRIAL_IMPORTS_BYTES = 78 * 2**20
 # same figure with checkpointing (the recomputation churns through as much memory as the
 # uncheckpointed step held). With MALLOC_MMAP_THRESHOLD_ fixed it is the live-tensor peak.
 # Calibrated on the peak RSS; against the anonymous peak the estimate's part beyond the runtime
-# is 0-16% low for the benchmark's 4-layer configs (it was 4-18% low on RSS).
+# is 4-16% low for the benchmark's one-process 4-layer configs (it was 4-18% low on RSS).
 CPU_HEAP_RETENTION = {False: 1.3, True: 1.1}  # by activation_checkpointing
 # cuBLAS/cuBLASLt workspaces that torch takes from the caching allocator, so they show in
 # torch.cuda.max_memory_allocated (32 MiB per handle on Hopper; less on older GPUs).
