@@ -228,8 +228,8 @@ class TrialResult:
     """What one trial produced. A failure is data: ``status`` says which kind.
 
     ``metrics`` keys (all present for ``ok``): tokens_per_second, val_loss,
-    step_time_mean_s, step_time_std_s, peak_memory_bytes, peak_memory_source,
-    mfu, peak_flops, peak_flops_source, flops_per_token, n_params, train_steps,
+    step_time_mean_s, step_time_std_s, peak_memory_bytes (anonymous on CPU, allocated on GPU),
+    peak_memory_source, peak_rss_bytes (CPU) or peak_memory_reserved_bytes (GPU), mfu, peak_flops, peak_flops_source, flops_per_token, n_params, train_steps,
     tokens_trained, budget_steps. ``budget_steps`` = ceil(token_budget / (global
     batch * seq_len)), the steps before val_loss is taken; ``train_steps`` counts every
     step run (more than budget_steps when warm-up + measured steps need more);
