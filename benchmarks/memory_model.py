@@ -116,7 +116,7 @@ def live_tensor_peak(config: TrialConfig, cache_dir: Path) -> float:
     tracker, peak = _tracker(config)
     # The peak-FLOP/s probe (run when a trial beats the cached figure) would add its matrices.
     with mock.patch.object(hardware, "peak_flops", return_value=(1e12, "benchmark")), tracker:  # type: ignore[attr-defined]
-        result = train.run_trial(config, cache_dir=cache_dir)
+        result = train.train_and_measure(config, cache_dir=cache_dir)
     if result.status != "ok":
         raise RuntimeError(f"in-process trial ended {result.status}: {result.reason}")
     return peak()
@@ -145,7 +145,7 @@ def _rank_peak_main(folder: Path) -> None:
 
 def measured_peak(config: TrialConfig, tmp: Path, cache_dir: Path) -> float | str:
     """The trial's recorded peak in bytes, or its status when it did not end ``ok`` (e.g. ``oom``)."""
-    result = runner.run_trial(config, tmp / f"trial-{time.monotonic_ns()}", cache_dir=cache_dir)
+    result = runner.launch_trial(config, tmp / f"trial-{time.monotonic_ns()}", cache_dir=cache_dir)
     if result.status != "ok":
         print(f"    {result.status}: {result.reason} {result.error_tail[-300:]}")
         return result.status

@@ -62,7 +62,7 @@ def main() -> None:
         returned_at = {}
 
         def run(config, trial_dir):
-            result = runner.run_trial(config, trial_dir, cache_dir=cache_dir)
+            result = runner.launch_trial(config, trial_dir, cache_dir=cache_dir)
             returned_at["t"] = time.perf_counter()
             return result
 

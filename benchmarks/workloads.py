@@ -72,7 +72,7 @@ def main() -> int:
             assert not reason, reason
             speeds, steps = [], []
             for k in range(args.repeats):
-                result = runner.run_trial(config, Path(tmp) / f"{space.name}-{k}", cache_dir=cache)
+                result = runner.launch_trial(config, Path(tmp) / f"{space.name}-{k}", cache_dir=cache)
                 if result.status != "ok":
                     print(f"{name}: {result.status}: {result.reason}\n{result.error_tail}", file=sys.stderr)
                     return 1

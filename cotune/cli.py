@@ -154,7 +154,7 @@ def search(
 
     def run_fn(config, trial_dir):
         # Triton kernel timings are shared by the study's trials, in its runs folder.
-        return runner.run_trial(config, trial_dir, cache_dir=cache_dir, trace=profile,
+        return runner.launch_trial(config, trial_dir, cache_dir=cache_dir, trace=profile,
                                 kernel_cache=settings.runs_dir / "kernel-timings.json")
 
     try:
@@ -396,7 +396,7 @@ def _confirm(opt_study, repeats: int | None, runs_dir: Path, cache_dir: Path) ->
         _prepare_data(found[0].config.workload, cache_dir)
 
     def run_fn(config, folder):
-        return runner.run_trial(config, folder, cache_dir=cache_dir, kernel_cache=runs_dir / "kernel-timings.json")
+        return runner.launch_trial(config, folder, cache_dir=cache_dir, kernel_cache=runs_dir / "kernel-timings.json")
 
     def on_done(r, run) -> None:
         head = f"confirm [{r.index}/{r.total}] trial {r.target.number:>3} seed {r.seed:<6}"
@@ -483,7 +483,7 @@ def trial_cmd(
     cache_dir = data_mod.default_cache_dir()
     _prepare_data(config.workload, cache_dir)
     with console.status(f"running trial in {trial_dir}"):
-        result = runner.run_trial(config, trial_dir, cache_dir=cache_dir, trace=profile)
+        result = runner.launch_trial(config, trial_dir, cache_dir=cache_dir, trace=profile)
     console.print(display.metrics_table(result))
     if result.status != "ok":
         console.print(f"[red]{result.status}[/]: {result.reason}")

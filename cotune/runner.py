@@ -65,7 +65,7 @@ def trial_argv(
     return argv
 
 
-def run_trial(
+def launch_trial(
     config: TrialConfig,
     trial_dir: Path,
     *,

@@ -391,16 +391,16 @@ def test_triton_kernels_train_as_pytorch_does_and_reuse_measured_timings(tmp_pat
     config = triton_config()
     assert config.kernels.selected() == ["mlp", "cross_entropy", "layernorm"]
     cache = tmp_path / "kernel-timings.json"
-    with_triton = runner.run_trial(config, tmp_path / "triton", cache_dir=default_cache_dir(), kernel_cache=cache)
+    with_triton = runner.launch_trial(config, tmp_path / "triton", cache_dir=default_cache_dir(), kernel_cache=cache)
     assert with_triton.status == "ok", with_triton.reason + with_triton.error_tail
-    plain = runner.run_trial(replace(config, kernels=KernelConfig()), tmp_path / "torch", cache_dir=default_cache_dir())
+    plain = runner.launch_trial(replace(config, kernels=KernelConfig()), tmp_path / "torch", cache_dir=default_cache_dir())
     assert plain.status == "ok" and plain.kernel_timings == []
     got, want = ([step[2] for step in r.loss_curve] for r in (with_triton, plain))
     assert len(got) == 8 and got == pytest.approx(want, rel=1e-5, abs=1e-5)
     assert with_triton.metrics["val_loss"] == pytest.approx(plain.metrics["val_loss"], rel=1e-5)
     assert not any(t["cached"] for t in with_triton.kernel_timings)
 
-    again = runner.run_trial(config, tmp_path / "again", cache_dir=default_cache_dir(), kernel_cache=cache)
+    again = runner.launch_trial(config, tmp_path / "again", cache_dir=default_cache_dir(), kernel_cache=cache)
     assert again.status == "ok" and [t["cached"] for t in again.kernel_timings] == [True, True, True]
     assert [t["triton_ms"] for t in again.kernel_timings] == [t["triton_ms"] for t in with_triton.kernel_timings]
     assert again.phase_seconds["kernel_timing"] < with_triton.phase_seconds["kernel_timing"] / 5

@@ -117,7 +117,7 @@ def test_peak_matches_the_live_tensor_peak_of_a_real_trial(
     monkeypatch.setattr(hardware, "peak_flops", lambda *a, **k: (1e12, "test"))
     tracker = LiveTensorBytes()
     with tracker:
-        result = train.run_trial(c, cache_dir=cache)
+        result = train.train_and_measure(c, cache_dir=cache)
     assert result.status == "ok", result.reason
     assert memory.estimate(c).tensors == pytest.approx(tracker.peak, rel=0.05)
 
@@ -229,7 +229,7 @@ def test_runtime_is_what_a_minimal_trial_peaks_at(fingerprint: dict, cache: Path
     from cotune import runner
 
     minimal = config(WorkloadConfig(n_layer=1, n_embd=16, n_head=4, seq_len=16, vocab_size=258), micro=1)
-    result = runner.run_trial(minimal, tmp_path, cache_dir=cache)
+    result = runner.launch_trial(minimal, tmp_path, cache_dir=cache)
     assert result.status == "ok", result.reason + result.error_tail
     estimate = memory.estimate(minimal, runtime_bytes=memory.runtime_bytes(fingerprint, "cpu"))
     assert estimate.tensors < 2**20

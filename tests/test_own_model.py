@@ -74,7 +74,7 @@ def test_a_tp2_trial_of_the_readme_model_matches_one_process(tmp_path, monkeypat
     )
     losses = {}
     for name, par in {"one": ParallelConfig(), "tp2": ParallelConfig(tp=2)}.items():
-        result = runner.run_trial(replace(base, parallel=par), tmp_path / name, cache_dir=default_cache_dir())
+        result = runner.launch_trial(replace(base, parallel=par), tmp_path / name, cache_dir=default_cache_dir())
         assert result.status == "ok", result.reason + result.error_tail
         losses[name] = [step[2] for step in result.loss_curve]
     assert losses["tp2"] == pytest.approx(losses["one"], rel=1e-5, abs=1e-5)

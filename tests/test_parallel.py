@@ -66,7 +66,7 @@ def layout(par: ParallelConfig) -> TrialConfig:
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    result = runner.run_trial(BASE, tmp_path_factory.mktemp("single"), cache_dir=default_cache_dir())
+    result = runner.launch_trial(BASE, tmp_path_factory.mktemp("single"), cache_dir=default_cache_dir())
     assert result.status == "ok", result.reason + result.error_tail
     return result
 
@@ -74,7 +74,7 @@ def single(tmp_path_factory):
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_one_process(single, tmp_path, name):
     config = layout(LAYOUTS[name])
-    result = runner.run_trial(config, tmp_path, cache_dir=default_cache_dir())
+    result = runner.launch_trial(config, tmp_path, cache_dir=default_cache_dir())
     assert result.status == "ok", f"{result.reason}\n{result.error_tail}"
     losses = [step[2] for step in result.loss_curve]
     expected = [step[2] for step in single.loss_curve]
@@ -94,7 +94,7 @@ FP16_RTOL = 2e-3
 @pytest.fixture(scope="module")
 def single_fp16(tmp_path_factory):
     config = replace(BASE, precision=PrecisionConfig("fp16"))
-    result = runner.run_trial(config, tmp_path_factory.mktemp("single-fp16"), cache_dir=default_cache_dir())
+    result = runner.launch_trial(config, tmp_path_factory.mktemp("single-fp16"), cache_dir=default_cache_dir())
     assert result.status == "ok", result.reason + result.error_tail
     return result
 
@@ -104,7 +104,7 @@ def test_fp16_loss_scaling_across_processes_matches_one_process(single_fp16, tmp
     """The dynamic loss scale multiplies every rank's loss (the pipeline's loss function too)
     and is divided out before clipping: a layout that missed either would train differently."""
     config = replace(layout(LAYOUTS[name]), precision=PrecisionConfig("fp16"))
-    result = runner.run_trial(config, tmp_path, cache_dir=default_cache_dir())
+    result = runner.launch_trial(config, tmp_path, cache_dir=default_cache_dir())
     assert result.status == "ok", f"{result.reason}\n{result.error_tail}"
     losses = [step[2] for step in result.loss_curve]
     assert losses == pytest.approx([step[2] for step in single_fp16.loss_curve], rel=FP16_RTOL)
@@ -141,7 +141,7 @@ def hf_base(model: str) -> TrialConfig:
 def hf_single(tmp_path_factory):
     results = {}
     for model in HF_MODELS:
-        result = runner.run_trial(hf_base(model), tmp_path_factory.mktemp("single"), cache_dir=default_cache_dir())
+        result = runner.launch_trial(hf_base(model), tmp_path_factory.mktemp("single"), cache_dir=default_cache_dir())
         assert result.status == "ok", result.reason + result.error_tail
         results[model] = result
     return results
@@ -153,7 +153,7 @@ def test_hf_layout_matches_one_process(hf_single, tmp_path, model, name):
     per_rank = base.batch.global_batch_size // LAYOUTS[name].data_parallel
     config = replace(base, parallel=LAYOUTS[name],
                      batch=replace(base.batch, grad_accum_steps=per_rank // base.batch.micro_batch_size))
-    result = runner.run_trial(config, tmp_path, cache_dir=default_cache_dir())
+    result = runner.launch_trial(config, tmp_path, cache_dir=default_cache_dir())
     assert result.status == "ok", f"{result.reason}\n{result.error_tail}"
     losses = [step[2] for step in result.loss_curve]
     expected = [step[2] for step in hf_single[model].loss_curve]
@@ -166,7 +166,7 @@ def test_hf_layout_matches_one_process(hf_single, tmp_path, model, name):
 def test_a_failed_ranks_own_exception_is_the_error_tail(tmp_path):
     """Not torchrun's summary: the first rank to fail wrote its exception, and that is the trial's."""
     config = replace(layout(ParallelConfig(dp=2)), workload=replace(BASE.workload, model=f"{__name__}:crash_on_rank1"))
-    result = runner.run_trial(config, tmp_path, cache_dir=default_cache_dir())
+    result = runner.launch_trial(config, tmp_path, cache_dir=default_cache_dir())
     assert result.status == "crash"
     assert result.reason.startswith("AttributeError on rank 1: ") and "no_such_thing" in result.reason
     assert "no_such_thing" in result.error_tail and 'File "' in result.error_tail  # its traceback's last lines
@@ -176,7 +176,7 @@ def test_a_failed_ranks_own_exception_is_the_error_tail(tmp_path):
 def test_a_sharding_bug_fails_the_gate(single, tmp_path):
     """The gate's own check: a data-parallel run that drops the other rank's half of the batch."""
     wrong = replace(layout(ParallelConfig(dp=2)), batch=replace(BASE.batch, global_batch_size=4, grad_accum_steps=1))
-    result = runner.run_trial(wrong, tmp_path, cache_dir=default_cache_dir())
+    result = runner.launch_trial(wrong, tmp_path, cache_dir=default_cache_dir())
     losses = [step[2] for step in result.loss_curve]
     assert losses != pytest.approx([step[2] for step in single.loss_curve], rel=RTOL, abs=ATOL)
 
@@ -230,7 +230,7 @@ def test_a_rank_hanging_in_a_collective_times_out_and_leaves_nothing(tmp_path):
                      workload=replace(BASE.workload, model=f"{__name__}:hang_on_rank1"),
                      run=replace(BASE.run, timeout_s=25))
     started = time.monotonic()
-    result = runner.run_trial(config, tmp_path, cache_dir=default_cache_dir())
+    result = runner.launch_trial(config, tmp_path, cache_dir=default_cache_dir())
     assert result.status == "timeout", f"{result.status}: {result.reason}\n{result.error_tail}"
     assert time.monotonic() - started < 45
     assert _processes_of(tmp_path) == []  # torchrun's agent and both ranks are gone
@@ -238,7 +238,7 @@ def test_a_rank_hanging_in_a_collective_times_out_and_leaves_nothing(tmp_path):
 
 def test_out_of_memory_on_another_rank_is_classified(tmp_path):
     config = replace(layout(ParallelConfig(dp=2)), workload=replace(BASE.workload, model=f"{__name__}:oom_on_rank1"))
-    result = runner.run_trial(config, tmp_path, cache_dir=default_cache_dir())
+    result = runner.launch_trial(config, tmp_path, cache_dir=default_cache_dir())
     assert result.status == "oom", f"{result.status}: {result.reason}\n{result.error_tail}"
     assert "rank 1" in result.reason and "OutOfMemoryError" in result.error_tail
     assert _processes_of(tmp_path) == []

@@ -17,7 +17,7 @@ import pytest
 
 from cotune import runner
 from cotune.config import OptimizerConfig, RunConfig, TrialConfig, TrialResult
-from cotune.runner import classify, run_process, run_trial, tail, trial_argv
+from cotune.runner import classify, launch_trial, run_process, tail, trial_argv
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -337,7 +337,7 @@ def test_kill_tree_on_a_live_tree(tmp_path: Path) -> None:
 def test_run_trial_writes_config_and_log_and_runs_the_trial_command(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # cotune.trial is a separate module; a stand-in with the same CLI shows what run_trial does.
+    # cotune.trial is a separate module; a stand-in with the same CLI shows what launch_trial does.
     fake_trial = _script(
         tmp_path,
         """
@@ -361,7 +361,7 @@ def test_run_trial_writes_config_and_log_and_runs_the_trial_command(
     monkeypatch.setattr(runner, "trial_argv", fake_argv)
     config = TrialConfig(optimizer=OptimizerConfig(learning_rate=3e-4), run=RunConfig(timeout_s=30.0))
     trial_dir = tmp_path / "trials" / "0007"
-    result = run_trial(config, trial_dir, trace=True, cache_dir=tmp_path / "cache")
+    result = launch_trial(config, trial_dir, trace=True, cache_dir=tmp_path / "cache")
     assert result.status == "ok", (result.reason, result.error_tail)
     assert result.metrics == {"val_loss": 3.0, "lr": 3e-4}
     assert TrialConfig.load(trial_dir / "config.json") == config
@@ -372,7 +372,7 @@ def test_run_trial_writes_config_and_log_and_runs_the_trial_command(
 
     # The timeout comes from the config.
     hanging = TrialConfig(run=RunConfig(timeout_s=1.0, seed=99))
-    result = run_trial(hanging, trial_dir)
+    result = launch_trial(hanging, trial_dir)
     assert (result.status, result.reason) == ("timeout", "ran past its 1 s timeout")
     assert not (trial_dir / "result.json").exists()  # the earlier trial's result is not kept as this one's
 

@@ -37,14 +37,14 @@ def settings(fingerprint, tmp_path, **kw) -> search.SearchSettings:
     return search.SearchSettings(**{**defaults, **kw})
 
 
-def open_study(tmp_path, s):
+def study_for(tmp_path, s):
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}")
     return search.create_or_resume_study(storage, "t", s)
 
 
 def test_search_fills_the_budget_and_records_everything(fingerprint, tmp_path):
     s = settings(fingerprint, tmp_path)
-    study = open_study(tmp_path, s)
+    study = study_for(tmp_path, s)
     progress = search.run_search(study, s, fake_trial)
     assert progress.done == 12 and sum(progress.by_status.values()) == 12
     reloaded = optuna.load_study(study_name="t", storage=f"sqlite:///{tmp_path / 'study.db'}")
@@ -69,17 +69,17 @@ def test_search_fills_the_budget_and_records_everything(fingerprint, tmp_path):
 
 def test_rerun_resumes_up_to_the_budget(fingerprint, tmp_path):
     s = settings(fingerprint, tmp_path, budget=5)
-    search.run_search(open_study(tmp_path, s), s, fake_trial)
+    search.run_search(study_for(tmp_path, s), s, fake_trial)
     calls = []
 
     def counting(config, trial_dir):
         calls.append(config)
         return fake_trial(config, trial_dir)
 
-    search.run_search(open_study(tmp_path, s), s, counting)
+    search.run_search(study_for(tmp_path, s), s, counting)
     assert calls == []  # budget already spent
     s8 = settings(fingerprint, tmp_path, budget=8)
-    progress = search.run_search(open_study(tmp_path, s8), s8, counting)
+    progress = search.run_search(study_for(tmp_path, s8), s8, counting)
     assert len(calls) == 3 and progress.done == 8
 
 
@@ -93,10 +93,10 @@ def test_failures_are_data_and_the_search_goes_on(fingerprint, tmp_path):
             return fake_trial(config, trial_dir)
         return TrialResult(status=status, reason=f"{status} on purpose", error_tail="Traceback ...\nBoom")
 
-    progress = search.run_search(open_study(tmp_path, s), s, flaky)
+    progress = search.run_search(study_for(tmp_path, s), s, flaky)
     assert progress.done == 10
     assert progress.by_status["crash"] == 3 and progress.by_status["oom"] == 3 and progress.by_status["timeout"] == 2
-    failed = [t for t in counted_trials(open_study(tmp_path, s)) if t.user_attrs["status"] == "crash"]
+    failed = [t for t in counted_trials(study_for(tmp_path, s)) if t.user_attrs["status"] == "crash"]
     assert failed[0].user_attrs["error_tail"].endswith("Boom")
 
 
@@ -113,14 +113,14 @@ def test_infeasible_configs_are_never_launched(fingerprint, tmp_path):
         launched.append(config.batch.micro_batch_size)
         return fake_trial(config, trial_dir)
 
-    progress = search.run_search(open_study(tmp_path, s), s, run)
+    progress = search.run_search(study_for(tmp_path, s), s, run)
     assert len(launched) == 15 and max(launched) <= 8  # the budget counts launched trials only
     assert progress.done == 15 and progress.by_status["infeasible"] == progress.infeasible_here > 0
-    infeasible = [t for t in counted_trials(open_study(tmp_path, s)) if t.user_attrs["status"] == "infeasible"]
+    infeasible = [t for t in counted_trials(study_for(tmp_path, s)) if t.user_attrs["status"] == "infeasible"]
     assert "micro_batch_size <= 8 must hold (test), but got micro_batch_size=" in infeasible[0].user_attrs["reason"]
     # Told as a violated constraint (which TPE, NSGA-II and GP learn from), never as a failure.
     assert all(t.state == optuna.trial.TrialState.PRUNED and t.constraints == {"feasible": 1.0} for t in infeasible)
-    launched_trials = [t for t in counted_trials(open_study(tmp_path, s)) if t.user_attrs["status"] != "infeasible"]
+    launched_trials = [t for t in counted_trials(study_for(tmp_path, s)) if t.user_attrs["status"] != "infeasible"]
     assert all(t.constraints == {"feasible": 0.0} for t in launched_trials)
 
 
@@ -130,22 +130,22 @@ def test_a_mostly_infeasible_space_stops_at_the_cap(fingerprint, tmp_path):
     space = load_space(CPU_SPACE)
     space = space.model_copy(update={"constraints": [Constraint(expr="micro_batch_size > 64", why="never")]})
     s = settings(fingerprint, tmp_path, space=space, budget=5, sampler="random", infeasible_cap=7)
-    progress = search.run_search(open_study(tmp_path, s), s, fake_trial)
+    progress = search.run_search(study_for(tmp_path, s), s, fake_trial)
     assert progress.done == 0 and progress.infeasible_here == 7
     assert progress.stopped.startswith("stopped after 7 infeasible configs and 0 launched in this search: the space "
                                        "is mostly infeasible")
-    assert len(open_study(tmp_path, s).get_trials()) == 7  # all recorded, none left running
+    assert len(study_for(tmp_path, s).get_trials()) == 7  # all recorded, none left running
 
 
 def test_refuses_to_mix_hardware_unless_told(fingerprint, tmp_path):
     s = settings(fingerprint, tmp_path, budget=2)
-    search.run_search(open_study(tmp_path, s), s, fake_trial)
+    search.run_search(study_for(tmp_path, s), s, fake_trial)
     other = {**fingerprint, "hardware_id": "somewhere-else",
              "hardware": {**fingerprint["hardware"], "cpu_model": "Other CPU"}}
     with pytest.raises(UserError, match="recorded on other hardware"):
-        open_study(tmp_path, settings(other, tmp_path, budget=3))
+        study_for(tmp_path, settings(other, tmp_path, budget=3))
     s3 = settings(other, tmp_path, budget=3, allow_mixed_hardware=True)
-    assert search.run_search(open_study(tmp_path, s3), s3, fake_trial).done == 3
+    assert search.run_search(study_for(tmp_path, s3), s3, fake_trial).done == 3
 
 
 def test_mixed_hardware_with_other_native_precisions_shares_one_domain(fingerprint, tmp_path):
@@ -155,11 +155,11 @@ def test_mixed_hardware_with_other_native_precisions_shares_one_domain(fingerpri
     narrow = {**fingerprint, "hardware_id": "somewhere-else", "native_precisions": {"cpu": ["fp32", "bf16"]},
               "hardware": {**fingerprint["hardware"], "cpu_model": "Other CPU"}}
     s = settings(wide, tmp_path, budget=6, sampler="random")
-    study = open_study(tmp_path, s)
+    study = study_for(tmp_path, s)
     search.run_search(study, s, fake_trial)
     assert study.user_attrs["precision_choices"] == ["fp32", "bf16", "fp16"]
     s2 = settings(narrow, tmp_path, budget=30, sampler="random", allow_mixed_hardware=True)
-    search.run_search(open_study(tmp_path, s2), s2, fake_trial)
+    search.run_search(study_for(tmp_path, s2), s2, fake_trial)
     here = [t for t in study.get_trials() if t.number >= 6]
     refused = [t for t in here if t.params.get("precision") == "fp16"]
     assert refused and all(t.user_attrs["status"] == "infeasible" and t.user_attrs["reason"].startswith(
@@ -169,7 +169,7 @@ def test_mixed_hardware_with_other_native_precisions_shares_one_domain(fingerpri
 
 def test_every_trial_divides_by_the_one_peak_the_study_took_at_creation(fingerprint, tmp_path):
     s = settings(fingerprint, tmp_path, budget=4, cache_dir=tmp_path / "cache")
-    study = open_study(tmp_path, s)
+    study = study_for(tmp_path, s)
     peaks = study.user_attrs["peak_flops"]
     assert set(peaks) == set(study.user_attrs["precision_choices"]) and all(p["flops"] > 0 for p in peaks.values())
 
@@ -190,21 +190,21 @@ def test_every_trial_divides_by_the_one_peak_the_study_took_at_creation(fingerpr
 
 def test_refuses_other_objectives_or_space(fingerprint, tmp_path):
     s = settings(fingerprint, tmp_path, budget=1)
-    search.run_search(open_study(tmp_path, s), s, fake_trial)
+    search.run_search(study_for(tmp_path, s), s, fake_trial)
     with pytest.raises(UserError, match="--objectives"):
-        open_study(tmp_path, settings(fingerprint, tmp_path, objectives=["tokens_per_second", "val_loss", "peak_memory"]))
+        study_for(tmp_path, settings(fingerprint, tmp_path, objectives=["tokens_per_second", "val_loss", "peak_memory"]))
     changed = s.space.model_copy(update={"name": "other"})
     with pytest.raises(UserError, match="--space"):
-        open_study(tmp_path, settings(fingerprint, tmp_path, space=changed))
+        study_for(tmp_path, settings(fingerprint, tmp_path, space=changed))
 
 
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))
 def test_every_sampler_drives_the_search(fingerprint, tmp_path, sampler):
     s = settings(fingerprint, tmp_path, budget=14, sampler=sampler,
                  objectives=["tokens_per_second", "val_loss", "peak_memory"])
-    progress = search.run_search(open_study(tmp_path, s), s, fake_trial)
+    progress = search.run_search(study_for(tmp_path, s), s, fake_trial)
     assert progress.done == 14
-    study = open_study(tmp_path, s)
+    study = study_for(tmp_path, s)
     assert len(study.directions) == 3
     params = [t.params for t in study.trials]
     assert len({repr(sorted(p.items())) for p in params}) >= 10  # the sampler explores
@@ -213,7 +213,7 @@ def test_every_sampler_drives_the_search(fingerprint, tmp_path, sampler):
 
 def test_interrupted_trial_is_closed_and_not_counted(fingerprint, tmp_path):
     s = settings(fingerprint, tmp_path, budget=3)
-    study = open_study(tmp_path, s)
+    study = study_for(tmp_path, s)
 
     def interrupt(config, trial_dir):
         raise KeyboardInterrupt
@@ -231,7 +231,7 @@ def test_a_bug_anywhere_in_the_loop_leaves_no_trial_running(fingerprint, tmp_pat
     """A bug raises (it is not data), but the trial in hand is closed first: interrupted, with the error,
     not counted, so the next search retries it."""
     s = settings(fingerprint, tmp_path, budget=3)
-    study = open_study(tmp_path, s)
+    study = study_for(tmp_path, s)
     run_fn = fake_trial
     if where == "run":
         def run_fn(config, trial_dir):
@@ -252,9 +252,9 @@ def test_a_bug_anywhere_in_the_loop_leaves_no_trial_running(fingerprint, tmp_pat
 
 def test_a_rerun_with_the_same_seed_does_not_replay_the_first_trials(fingerprint, tmp_path):
     s = settings(fingerprint, tmp_path, budget=4, sampler="random")
-    search.run_search(open_study(tmp_path, s), s, fake_trial)
+    search.run_search(study_for(tmp_path, s), s, fake_trial)
     s8 = settings(fingerprint, tmp_path, budget=8, sampler="random")
-    study = open_study(tmp_path, s8)
+    study = study_for(tmp_path, s8)
     search.run_search(study, s8, fake_trial)
     trials = study.get_trials()
     first, resumed = [t.params for t in trials[:4]], [t.params for t in trials[4:]]
@@ -266,7 +266,7 @@ def test_the_baseline_is_a_new_studys_first_trial_and_the_report_measures_agains
     from cotune.report import report_info
 
     s = settings(fingerprint, tmp_path, budget=5)
-    study = open_study(tmp_path, s)
+    study = study_for(tmp_path, s)
     assert search.enqueue_baseline(study, s) == ""
     search.run_search(study, s, fake_trial)
     first = study.trials[0]
@@ -289,7 +289,7 @@ def test_trials_left_running_by_a_killed_search_are_closed(fingerprint, tmp_path
     import sys
 
     s = settings(fingerprint, tmp_path, budget=2)
-    study = open_study(tmp_path, s)
+    study = study_for(tmp_path, s)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # a pid that no longer exists, as after a search killed with SIGKILL
     orphan = study.ask()
@@ -309,9 +309,9 @@ def test_configs_that_cannot_fit_are_skipped_with_the_estimate(fingerprint, tmp_
     tiny = {**fingerprint, "hardware": {**fingerprint["hardware"], "memory_bytes": 64 * 2**20}}
     s = settings(tiny, tmp_path, budget=3, infeasible_cap=4)
     launched = []
-    progress = search.run_search(open_study(tmp_path, s), s, lambda c, d: launched.append(c) or fake_trial(c, d))
+    progress = search.run_search(study_for(tmp_path, s), s, lambda c, d: launched.append(c) or fake_trial(c, d))
     assert launched == [] and progress.by_status["infeasible"] == 4 and progress.stopped
-    trial = open_study(tmp_path, s).trials[0]
+    trial = study_for(tmp_path, s).trials[0]
     assert "exceeds the device's" in trial.user_attrs["reason"] and "GiB per rank" in trial.user_attrs["reason"]
     assert trial.user_attrs["memory_estimate"]["total"] > 32 * 2**20
     # The violation is graded: the share by which the estimate exceeds the memory there is.
@@ -321,8 +321,8 @@ def test_configs_that_cannot_fit_are_skipped_with_the_estimate(fingerprint, tmp_
 
 def test_the_estimate_is_recorded_beside_the_measured_peak(fingerprint, tmp_path):
     s = settings(fingerprint, tmp_path, budget=2)
-    search.run_search(open_study(tmp_path, s), s, fake_trial)
-    for t in open_study(tmp_path, s).trials:
+    search.run_search(study_for(tmp_path, s), s, fake_trial)
+    for t in study_for(tmp_path, s).trials:
         m = t.user_attrs["metrics"]
         assert m["estimated_peak_memory_bytes"] == t.user_attrs["memory_estimate"]["total"] > 0
         assert t.user_attrs["status"] != "ok" or "peak_memory_bytes" in m
@@ -336,7 +336,7 @@ def test_triton_kernels_without_triton_installed_are_infeasible(fingerprint, tmp
     ran = []
     s = settings(without, tmp_path, space=load_space(path), space_path=str(path), budget=2, world_size=1,
                  infeasible_cap=3)
-    search.run_search(open_study(tmp_path, s), s, lambda c, d: ran.append(c) or fake_trial(c, d))
+    search.run_search(study_for(tmp_path, s), s, lambda c, d: ran.append(c) or fake_trial(c, d))
     study = optuna.load_study(study_name="t", storage=f"sqlite:///{tmp_path / 'study.db'}")
     assert ran == [] and [t.user_attrs["status"] for t in study.trials] == ["infeasible"] * 3
     assert "kernels=triton needs Triton" in study.trials[0].user_attrs["reason"]
@@ -348,7 +348,7 @@ def test_importance_ranks_knobs_as_they_ran_conditional_ones_included(fingerprin
     from cotune.report import report_info
 
     s = settings(fingerprint, tmp_path, budget=24, sampler="random")
-    study = open_study(tmp_path, s)
+    study = study_for(tmp_path, s)
     search.run_search(study, s, fake_trial)
     assert not all("micro_batch_size" in t.params for t in study.trials)  # no single parameter holds it
     info = report_info(study)

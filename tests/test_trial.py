@@ -1,4 +1,4 @@
-"""The trial side: model, workloads, run_trial's measurements and statuses, and ``python -m cotune.trial``."""
+"""The trial side: model, workloads, train_and_measure's measurements and statuses, and ``python -m cotune.trial``."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from cotune.config import (
 )
 from cotune.trial.measure import ANONYMOUS_PEAK_SOURCE
 from cotune.trial.model import GPT, GPTConfig
-from cotune.trial.train import learning_rate_at, run_trial
+from cotune.trial.train import learning_rate_at, train_and_measure
 from cotune.trial.workloads import apply_activation_checkpointing, build_model, get_workload
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def ok_result(cache: Path) -> TrialResult:
-    return run_trial(BASE, cache_dir=cache)
+    return train_and_measure(BASE, cache_dir=cache)
 
 
 def oom_workload(cfg: WorkloadConfig) -> nn.Module:
@@ -118,7 +118,7 @@ def test_learning_rate_schedule() -> None:
     assert lrs[99] == pytest.approx(0.1, abs=1e-3) and lrs[100:] == [pytest.approx(0.1)] * 20
 
 
-# ---------------------------------------------------------------------------- run_trial
+# ---------------------------------------------------------------------------- train_and_measure
 
 
 def test_ok_run_has_sane_metrics(ok_result: TrialResult) -> None:
@@ -157,9 +157,9 @@ def test_loss_curve_decreases(ok_result: TrialResult) -> None:
 
 def test_same_seed_same_loss_with_and_without_activation_checkpointing(cache: Path) -> None:
     config = with_(BASE, run={"token_budget": 8 * 64 * 8, "warmup_steps": 1, "measured_steps": 2})
-    plain = run_trial(config, cache_dir=cache)
-    ckpt = run_trial(with_(config, software={"activation_checkpointing": True}), cache_dir=cache)
-    other_seed = run_trial(with_(config, run={"seed": 1}), cache_dir=cache)
+    plain = train_and_measure(config, cache_dir=cache)
+    ckpt = train_and_measure(with_(config, software={"activation_checkpointing": True}), cache_dir=cache)
+    other_seed = train_and_measure(with_(config, run={"seed": 1}), cache_dir=cache)
     assert plain.status == ckpt.status == "ok"
     assert ckpt.metrics["val_loss"] == pytest.approx(plain.metrics["val_loss"], abs=1e-5)
     assert abs(other_seed.metrics["val_loss"] - plain.metrics["val_loss"]) > 1e-4  # the seed matters
@@ -168,8 +168,8 @@ def test_same_seed_same_loss_with_and_without_activation_checkpointing(cache: Pa
 def test_a_budget_shorter_than_the_timed_steps_is_refused_before_training(cache: Path) -> None:
     """The timed window holds training steps only: the validation loss never falls inside it."""
     with pytest.raises(ValueError, match="warmup_steps \\+ measured_steps must hold, but got 3 steps"):
-        run_trial(with_(BASE, run={"token_budget": 8 * 64 * 3}), cache_dir=cache)
-    r = run_trial(with_(BASE, run={"token_budget": 8 * 64 * 6}), cache_dir=cache)  # exactly warm-up + measured
+        train_and_measure(with_(BASE, run={"token_budget": 8 * 64 * 3}), cache_dir=cache)
+    r = train_and_measure(with_(BASE, run={"token_budget": 8 * 64 * 6}), cache_dir=cache)  # exactly warm-up + measured
     assert r.status == "ok"
     assert (r.metrics["budget_steps"], r.metrics["train_steps"], r.metrics["tokens_trained"]) == (6, 6, 6 * 512)
     assert len(r.loss_curve) == 6
@@ -178,7 +178,7 @@ def test_a_budget_shorter_than_the_timed_steps_is_refused_before_training(cache:
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_reduced_precision_runs(cache: Path, precision: str) -> None:
     config = with_(BASE, precision={"precision": precision}, run={"token_budget": 8 * 64 * 6})
-    r = run_trial(config, cache_dir=cache)
+    r = train_and_measure(config, cache_dir=cache)
     assert r.status == "ok", r.reason
     assert math.isfinite(r.metrics["val_loss"]) and r.metrics["val_loss"] < math.log(256) + 0.1
     assert ("fp16_skipped_steps" in r.metrics) == (precision == "fp16")  # counted where a loss scale can skip
@@ -187,7 +187,7 @@ def test_reduced_precision_runs(cache: Path, precision: str) -> None:
 
 def test_huge_learning_rate_diverges(cache: Path) -> None:
     config = with_(BASE, optimizer={"learning_rate": 1e6, "grad_clip": 1e30, "warmup_fraction": 0.0})
-    r = run_trial(config, cache_dir=cache)
+    r = train_and_measure(config, cache_dir=cache)
     assert r.status == "diverged"
     assert re.search(r"training loss became (nan|inf) at step \d+ of 40", r.reason), r.reason
     assert not math.isfinite(r.loss_curve[-1][2]) and len(r.loss_curve) < 40  # stopped at once
@@ -199,23 +199,23 @@ def test_world_size_above_one_needs_torchrun(cache: Path, monkeypatch: pytest.Mo
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     config = with_(BASE, parallel={"dp": 2}, batch={"grad_accum_steps": 1})
     with pytest.raises(ValueError, match="world_size=2 runs one process per rank under torchrun"):
-        run_trial(config, cache_dir=cache)
+        train_and_measure(config, cache_dir=cache)
 
 
 def test_inconsistent_batch_is_a_bug_with_every_value(cache: Path) -> None:
     with pytest.raises(ValueError, match="micro_batch_size=4, grad_accum_steps=1, dp=1, fsdp=1, global_batch_size=8"):
-        run_trial(with_(BASE, batch={"grad_accum_steps": 1}), cache_dir=cache)
+        train_and_measure(with_(BASE, batch={"grad_accum_steps": 1}), cache_dir=cache)
 
 
 def test_out_of_memory_is_a_result(cache: Path) -> None:
-    r = run_trial(with_(BASE, workload={"model": f"{__name__}:oom_workload"}), cache_dir=cache)
+    r = train_and_measure(with_(BASE, workload={"model": f"{__name__}:oom_workload"}), cache_dir=cache)
     assert r.status == "oom"
     assert "Tried to allocate 64.00 GiB" in r.error_tail and "OutOfMemoryError" in r.error_tail
 
 
 def test_profile_gives_top_ops_and_a_trace(cache: Path, tmp_path: Path) -> None:
     config = with_(BASE, run={"profile": True, "token_budget": 8 * 64 * 6})
-    r = run_trial(config, cache_dir=cache, trace_dir=tmp_path / "traces")
+    r = train_and_measure(config, cache_dir=cache, trace_dir=tmp_path / "traces")
     assert r.status == "ok"
     ops = r.profile_top_ops
     assert 3 <= len(ops) <= 15

@@ -44,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
             config = TrialConfig.load(args.config)
         except (OSError, ValueError) as e:  # unreadable file, bad JSON, unknown or missing keys
             raise UserError(f"{args.config}: not a valid trial config ({e})") from None
-        from cotune.trial.train import run_trial  # imports torch
+        from cotune.trial.train import train_and_measure  # imports torch
 
-        result = run_trial(
+        result = train_and_measure(
             config, cache_dir=args.cache_dir or default_cache_dir(), trace_dir=args.trace_dir, own_process=True,
             kernel_cache=args.kernel_cache,
         )

@@ -34,14 +34,14 @@ from cotune.trial.batches import Masking
 from cotune.trial.distributed import Dist
 from cotune.trial.loss_scale import DynamicLossScaler
 from cotune.trial.parallelize import Parallel, parallelize
-from cotune.trial.trainer import PipelineLoss, Trainer, cross_entropy
+from cotune.trial.step import PipelineLoss, Trainer, cross_entropy
 from cotune.trial.workloads import apply_activation_checkpointing, build_workload
 
 MAX_CURVE_POINTS = 200
 PROFILE_STEPS = 3
 
 
-def run_trial(
+def train_and_measure(
     config: TrialConfig,
     *,
     cache_dir: Path,
