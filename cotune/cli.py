@@ -431,7 +431,10 @@ def _print_confirmed(opt_study, found) -> None:
     base = next((t.number for t in found if "baseline" in t.roles), None)
     table = Table(title=f"confirmation runs of {opt_study.study_name}: mean ± 95% interval over the reruns "
                         "(the search's own run not counted)", header_style="bold")
-    for header in ("#", "role", "n ok", "tokens/s", "val loss", "peak mem", "speedup vs baseline"):
+    from cotune.labels import label
+
+    metrics = [label(m) for m in ("tokens_per_second", "val_loss", "peak_memory_bytes")]
+    for header in ("#", "role", "n ok", *metrics, "speedup vs baseline"):
         table.add_column(header, justify="left" if header == "role" else "right")
 
     def shown(s, spec: str, scale: float = 1.0) -> str:
