@@ -86,6 +86,9 @@ def search(
                                   help="Run the space's baseline: config as a new study's first trial (default)."),
     confirm: bool = typer.Option(False, "--confirm", help="When the search ends, rerun the Pareto configs and the "
                                  "baseline with other seeds (as `cotune confirm` does), before any --report."),
+    warm_start: bool = typer.Option(True, "--warm-start/--no-warm-start",
+                                    help="Fork one-process trials from a server that imported torch once (default), "
+                                    "rather than start each in a fresh interpreter."),
 ) -> None:
     """Run real, measured training trials until the study holds BUDGET of them."""
     _quiet_optuna()
@@ -152,10 +155,12 @@ def search(
         f"(space {space_path}, sampler {sampler.value}, objectives {', '.join(objective_names)})"
     )
 
+    fork_server = runner.ForkServer(settings.runs_dir / "fork-server.log") if warm_start else None
+
     def run_fn(config, trial_dir):
         # Triton kernel timings are shared by the study's trials, in its runs folder.
         return runner.launch_trial(config, trial_dir, cache_dir=cache_dir, trace=profile,
-                                kernel_cache=settings.runs_dir / "kernel-timings.json")
+                                kernel_cache=settings.runs_dir / "kernel-timings.json", fork_server=fork_server)
 
     try:
         _run_with_progress(opt_study, settings, run_fn)
@@ -163,6 +168,9 @@ def search(
         err_console.print("interrupted: the running trial was killed and recorded as interrupted; "
                           "run the same command again to resume")
         raise typer.Exit(130) from None
+    finally:
+        if fork_server is not None:
+            fork_server.close()
     _print_pareto(opt_study, objective_names)
     if confirm:
         _confirm(opt_study, None, settings.runs_dir, cache_dir)

@@ -5,6 +5,9 @@ The search process holds no accelerator state, so every trial runs in a child pr
 controlling terminal, so a Ctrl-C in the terminal reaches only the search process,
 which then kills the whole tree. How the child ended (exit code, signal, timeout, the
 JSON result it wrote) becomes a ``TrialResult``: a failure is data, never an exception.
+A one-process trial may instead be forked from the search's fork server (cotune.forkserver),
+a warm start with torch imported already; it gets its own session all the same and is
+timed out, killed and classified the same way.
 
 Nothing here imports torch.
 """
@@ -26,6 +29,7 @@ from typing import Any
 import psutil
 
 from cotune.config import TrialConfig, TrialResult
+from cotune.forkserver import ForkServer
 
 KILL_GRACE_S = 2.0  # SIGTERM -> SIGKILL: time for a clean exit, short enough not to stall the search
 ERROR_TAIL_LINES = 20
@@ -55,14 +59,27 @@ def trial_argv(
     launcher = [sys.executable]
     if world_size > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc-per-node={world_size}"]
-    argv = [*launcher, "-m", "cotune.trial", str(config_path), "--result", str(result_path)]
+    return [*launcher, "-m", "cotune.trial", *trial_args(config_path, result_path, trace_dir=trace_dir,
+                                                         cache_dir=cache_dir, kernel_cache=kernel_cache)]
+
+
+def trial_args(
+    config_path: Path,
+    result_path: Path,
+    *,
+    trace_dir: Path | None = None,
+    cache_dir: Path | None = None,
+    kernel_cache: Path | None = None,
+) -> list[str]:
+    """The arguments of ``python -m cotune.trial``: ``CONFIG --result RESULT`` and the optional folders."""
+    args = [str(config_path), "--result", str(result_path)]
     if trace_dir is not None:
-        argv += ["--trace-dir", str(trace_dir)]
+        args += ["--trace-dir", str(trace_dir)]
     if cache_dir is not None:
-        argv += ["--cache-dir", str(cache_dir)]
+        args += ["--cache-dir", str(cache_dir)]
     if kernel_cache is not None:
-        argv += ["--kernel-cache", str(kernel_cache)]
-    return argv
+        args += ["--kernel-cache", str(kernel_cache)]
+    return args
 
 
 def launch_trial(
@@ -72,10 +89,13 @@ def launch_trial(
     cache_dir: Path | None = None,
     trace: bool = False,
     kernel_cache: Path | None = None,
+    fork_server: ForkServer | None = None,
 ) -> TrialResult:
     """Run ``config`` in its own process tree under ``trial_dir`` and say how it went.
 
     ``kernel_cache`` is the study's file of Triton kernel timings (see cotune.trial.kernels.timing).
+    With ``fork_server`` a one-process trial is forked from it (a warm start: torch is imported
+    already) rather than started fresh; a multi-process trial always starts under torchrun.
 
     The folder ends up holding ``config.json`` (the same JSON reruns the trial by hand),
     ``log.txt`` (stdout and stderr) and, if the trial got that far, ``result.json``.
@@ -93,6 +113,7 @@ def launch_trial(
         log_path=trial_dir / "log.txt",
         timeout_s=config.run.timeout_s,
         env=_trial_env(config),
+        fork_server=fork_server if config.parallel.world_size == 1 else None,
     )
 
 
@@ -130,6 +151,7 @@ def run_process(
     cwd: Path | None = None,
     env: dict[str, str] | None = None,
     kill_grace_s: float = KILL_GRACE_S,
+    fork_server: ForkServer | None = None,
 ) -> TrialResult:
     """Run ``argv`` in a new session, stdout and stderr to ``log_path``, for at most ``timeout_s``.
 
@@ -137,6 +159,8 @@ def run_process(
     exception while waiting) the tree is killed and the exception re-raised. A result JSON
     the process wrote to ``result_path`` is read and checked. ``env`` is the child's whole
     environment (default: ours). ``phase_seconds["process_wall"]`` is launch to exit.
+    With ``fork_server``, ``argv`` (``python -m cotune.trial ARGS``) is forked from that server
+    instead, in a new session all the same; if the server is unavailable it starts as usual.
     """
     result_path, log_path = Path(result_path), Path(log_path)
     # A result left by an earlier run in the same place must not pass for this run's.
@@ -150,19 +174,14 @@ def run_process(
     # Linux: a descendant whose parent dies comes back to us, not to init, so the end-of-trial scan finds
     # it and nothing scans the process table while the trial is being timed.
     subreaper = _become_subreaper()
+    if fork_server is not None:
+        fork_server.start(child_env)  # once per search, before the trial's clock and the scan of our children
     ours_before = {c.pid for c in _children_of_self()}
     start = time.monotonic()
-    with open(log_path, "wb") as log:
+    proc = _fork(fork_server, argv, child_env, log_path, cwd) if fork_server is not None else None
+    if proc is None:
         try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,  # a trial never waits on the terminal
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=cwd,
-                env=child_env,
-                start_new_session=True,  # own session and group: pgid == proc.pid
-            )
+            proc = _start_fresh(argv, child_env, log_path, cwd)
         except OSError as exc:
             return TrialResult(
                 status="crash",
@@ -197,6 +216,26 @@ def run_process(
     )
     out.phase_seconds["process_wall"] = wall
     return out
+
+
+def _start_fresh(argv: list[str], env: dict[str, str], log_path: Path, cwd: Path | None) -> subprocess.Popen:
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,  # a trial never waits on the terminal
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,  # own session and group: pgid == proc.pid
+        )
+
+
+def _fork(server: ForkServer, argv: list[str], env: dict[str, str], log_path: Path, cwd: Path | None):
+    """``argv`` (``python -m cotune.trial ARGS``) forked from ``server``, or None: start it fresh."""
+    if argv[1:3] != ["-m", "cotune.trial"]:
+        return None
+    return server.start_trial(argv[3:], env=env, log_path=log_path, cwd=cwd)
 
 
 def _rank_results(result_path: Path) -> list[Path]:

@@ -5,7 +5,9 @@ result was written (ok or a classified failure such as oom or diverged), 2 for a
 user's error (message on stderr), 1 for a crash (the traceback on stderr); a failure
 also leaves ``RESULT.rankN.json`` holding this rank's own error.
 torch is imported only after the arguments are read, inside the trial code, so the
-trial's ``start_and_import`` phase counts it.
+trial's ``start_and_import`` phase counts it. A warm start (cotune.forkserver) calls
+:func:`main` in a child forked from a server that imported torch already; its
+``start_and_import`` counts from the fork.
 """
 
 from __future__ import annotations
