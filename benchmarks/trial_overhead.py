@@ -7,6 +7,10 @@ the peak-FLOP/s lookup, process exit, and recording in the study.
 
     python benchmarks/trial_overhead.py            # 6 trials of the default space
     python benchmarks/trial_overhead.py --trials 10 --space search_spaces/cpu-tiny-gpt.yaml
+    python benchmarks/trial_overhead.py --trials 8 --compare   # fresh starts, then warm ones (fork server)
+
+One-process trials are forked from a warm fork server as `cotune search` does;
+--no-warm-start starts each in a fresh interpreter, --compare measures both.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--space", type=Path, default=None)
+    parser.add_argument("--no-warm-start", action="store_true", help="start each trial in a fresh interpreter")
+    parser.add_argument("--compare", action="store_true", help="fresh starts first, then warm ones")
     args = parser.parse_args()
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -51,7 +57,21 @@ def main() -> None:
     vocab = info.vocab_size if w.vocab_size == "auto" else w.vocab_size
     described = workload.describe(w, vocab_size=vocab, eot_id=info.eot_id, pad_id=info.pad_id, cache_dir=cache_dir)
 
+    modes = [False, True] if args.compare else [not args.no_warm_start]
+    means = {warm: _measure(args, space, space_path, fingerprint, vocab, described, cache_dir, warm) for warm in modes}
+    if args.compare:
+        print("\n| phase | fresh start | warm start |\n|---|---:|---:|")
+        for key, label in [*PHASES, ("total", "**total per trial**")]:
+            print(f"| {label} | {means[False][key]:.2f} | {means[True][key]:.2f} |")
+        for key in sorted(k for k in means[True] if k.startswith("start_") and k != "start_and_import"):
+            label = f"process start + import, {key.removeprefix('start_')}-process trials"
+            print(f"| {label} | {means[False].get(key, 0.0):.2f} | {means[True][key]:.2f} |")
+
+
+def _measure(args, space, space_path, fingerprint, vocab, described, cache_dir, warm: bool) -> dict[str, float]:
+    """Run the trials (forked from a fork server if ``warm``), print the table; the mean of each phase."""
     rows: list[dict[str, float]] = []
+    fork_server = runner.ForkServer() if warm else None
     with tempfile.TemporaryDirectory() as tmp:
         settings = search.SearchSettings(
             space=space, space_path=str(space_path), objectives=list(space.objectives), budget=args.trials,
@@ -61,9 +81,15 @@ def main() -> None:
         study = search.create_or_resume_study(optuna.storages.RDBStorage(f"sqlite:///{tmp}/bench.db"), "bench", settings)
         returned_at = {}
 
+        if fork_server is not None:
+            t = time.perf_counter()
+            fork_server.start(runner.child_env())
+            print(f"fork server ready in {time.perf_counter() - t:.2f} s (once per search)", flush=True)
+
         def run(config, trial_dir):
-            result = runner.launch_trial(config, trial_dir, cache_dir=cache_dir)
+            result = runner.launch_trial(config, trial_dir, cache_dir=cache_dir, fork_server=fork_server)
             returned_at["t"] = time.perf_counter()
+            returned_at["processes"] = config.parallel.world_size
             return result
 
         def done(progress, result):
@@ -72,22 +98,37 @@ def main() -> None:
             phases["exit"] = phases.get("process_wall", inside) - inside
             phases["recording"] = time.perf_counter() - returned_at["t"]
             phases["total"] = phases.get("process_wall", inside) + phases["recording"]
+            phases["processes"] = returned_at["processes"]
             rows.append(phases)
-            print(f"trial {len(rows)}/{args.trials}: {result.status}, {phases['total']:.2f} s", flush=True)
+            print(f"trial {len(rows)}/{args.trials}: {result.status}, {returned_at['processes']} process(es), start "
+                  f"{phases.get('start_and_import', 0.0):.2f} s, {phases['total']:.2f} s", flush=True)
 
-        search.run_search(study, settings, run, on_done=done)
+        try:
+            search.run_search(study, settings, run, on_done=done)
+        finally:
+            if fork_server is not None:
+                fork_server.close()
 
-    print(f"\n{space.name} on {fingerprint['hardware']['cpu_model']} x{fingerprint['hardware']['cpu_count']}, "
+    print(f"\n{space.name} ({'warm' if warm else 'fresh'} starts) on {fingerprint['hardware']['cpu_model']} x{fingerprint['hardware']['cpu_count']}, "
           f"{fingerprint['hardware']['gpu_count']} GPU(s), torch {fingerprint['software']['torch']}, "
           f"{len(rows)} trials (seconds per trial, mean ± stdev)\n")
     print("| phase | seconds | share |")
     print("|---|---:|---:|")
     total = statistics.mean(r["total"] for r in rows)
+    means = {}
     for key, label in [*PHASES, ("total", "**total per trial**")]:
         values = [r.get(key, 0.0) for r in rows]
-        mean = statistics.mean(values)
+        means[key] = statistics.mean(values)
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        print(f"| {label} | {mean:.2f} ± {spread:.2f} | {100 * mean / total:.0f}% |")
+        print(f"| {label} | {means[key]:.2f} ± {spread:.2f} | {100 * means[key] / total:.0f}% |")
+    # Only one-process trials start warm; torchrun starts the others in fresh interpreters either way.
+    for n in sorted({int(r["processes"]) for r in rows}):
+        starts = [r.get("start_and_import", 0.0) for r in rows if r["processes"] == n]
+        means[f"start_{n}"] = statistics.mean(starts)
+        spread = statistics.stdev(starts) if len(starts) > 1 else 0.0
+        print(f"process start + import of the {len(starts)} {n}-process trial(s): {means[f'start_{n}']:.2f} ± "
+              f"{spread:.2f} s")
+    return means
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ class ForkServer:
         self._replies: list[dict] = []  # the server's replies to requests, in order
         self._exited: dict[int, int] = {}  # pid -> return code, as the server reports them
         self.failed: str | None = None  # why warm starts stopped, once they did
+        self.lost: set[int] = set()  # trials killed because the server died while they ran
 
     def start_trial(self, args: list[str], *, env: dict[str, str], log_path: Path,
                     cwd: Path | None = None) -> ForkedTrial | None:
@@ -120,10 +121,12 @@ class ForkServer:
     def wait_exit(self, pid: int, deadline: float | None) -> int | None:
         """``pid``'s return code once the server reports it, or None if ``deadline`` (monotonic) passes first.
 
-        If the server is gone, its children died with it (SIGKILL at their parent's death): -SIGKILL.
+        If the server is gone, its children died with it (SIGKILL at their parent's death): -SIGKILL,
+        and ``pid`` is in :attr:`lost`.
         """
         while pid not in self._exited:
             if self._proc is None:
+                self.lost.add(pid)
                 return -signal.SIGKILL
             got = self._read(deadline)
             if got == "timeout":

@@ -29,7 +29,7 @@ from typing import Any
 import psutil
 
 from cotune.config import TrialConfig, TrialResult
-from cotune.forkserver import ForkServer
+from cotune.forkserver import ForkedTrial, ForkServer
 
 KILL_GRACE_S = 2.0  # SIGTERM -> SIGKILL: time for a clean exit, short enough not to stall the search
 ERROR_TAIL_LINES = 20
@@ -214,6 +214,10 @@ def run_process(
         timeout_s=timeout_s,
         result_error=result_error,
     )
+    if isinstance(proc, ForkedTrial) and proc.pid in fork_server.lost and out.status == "oom":
+        # Its SIGKILL came from the server's death (the trial dies with its parent), not from the OOM killer.
+        out = TrialResult(status="crash", reason="killed when the fork server it was forked from died",
+                          error_tail=out.error_tail)
     out.phase_seconds["process_wall"] = wall
     return out
 

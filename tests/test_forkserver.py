@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -195,3 +196,31 @@ def test_killing_the_search_leaves_no_trial_or_server_behind(tmp_path: Path, cac
     finally:
         search.kill()
         search.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_when_the_server_dies_its_trial_is_a_crash_and_the_next_trials_start_fresh(
+    tmp_path: Path, cache: Path, faulty: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    with ForkServer() as server:
+        assert server.start(child_env())
+        server_pid = server.pid
+
+        def kill_the_server() -> None:
+            _wait_for(faulty / "pids.json")
+            os.kill(server_pid, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_the_server)
+        killer.start()
+        result = launch_trial(_with_model("faulty:hang_alone"), tmp_path / "t", cache_dir=cache, fork_server=server)
+        killer.join()
+        trial_pid = json.loads((faulty / "pids.json").read_text())["trial"]
+        assert (result.status, result.reason) == ("crash", "killed when the fork server it was forked from died")
+        assert _gone(trial_pid)
+        assert server.failed is not None
+        (faulty / "pids.json").unlink()
+        again = launch_trial(_with_model("faulty:raises"), tmp_path / "t2", cache_dir=cache, fork_server=server)
+        assert json.loads((faulty / "pids.json").read_text())["parent"] == os.getpid()  # started fresh
+        assert again.status == "crash"
+    assert capfd.readouterr().err.count("trials start fresh from now on") == 1
