@@ -53,6 +53,7 @@ def test_data_prep_benchmark_times_first_and_cached_preparation(tmp_path):
     assert "| builtin | bpe:300 |" in out.stdout
 
 
+@pytest.mark.slow
 def test_tpe_told_constraints_proposes_fewer_infeasible_configs_than_told_fail(tmp_path):
     """The infeasible-region benchmark, with fewer seeds: cotune's engine (constraints) against FAIL."""
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "infeasible.py"), "--seeds", "4", "--asks", "60",

@@ -42,6 +42,7 @@ BAD_WORKLOADS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(BAD_WORKLOADS))
 def test_bad_model_or_data_is_one_sentence_and_writes_no_study(tmp_path, name):
     text, expected = BAD_WORKLOADS[name]

@@ -484,7 +484,9 @@ def test_every_registered_format_has_a_library_loader():
 
 
 @pytest.mark.parametrize("config_name", CONFIGS)
-@pytest.mark.parametrize("fmt", sorted(LOADERS))
+# torchtitan 0.2's TOML is read in a child interpreter that imports torch and torchtitan 0.2 (seconds each): slow.
+@pytest.mark.parametrize("fmt", [pytest.param(f, marks=pytest.mark.slow) if f == "torchtitan-toml" else f
+                                 for f in sorted(LOADERS)])
 def test_exported_file_is_parsed_by_its_library_and_lists_what_it_cannot_express(fmt, config_name, tmp_path):
     out, path = _write(CONFIGS[config_name], fmt, tmp_path)
     assert out.text.strip() and out.suffix in (".json", ".yaml", ".toml", ".args")
@@ -729,6 +731,7 @@ def test_trainers_that_take_the_model_in_code_are_told_how_to_build_it(fmt, conf
     assert built.to_dict() == _expected_hf_config(config.workload).to_dict()
 
 
+@pytest.mark.slow
 def test_torchtitan_runs_a_llama_of_a_flavors_shape_as_that_flavor(tmp_path):
     """Llama 3.1 8B is llama3's 8B flavor: --config llama3_8b builds the same network and nothing is listed about it;
     a Llama-3.2-1B shape is flavor 1B, which no 0.3 config function builds, so the placeholder runs and it says so."""
@@ -771,6 +774,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_llama3_flavor_table_is_torchtitans():
     """torchtitan.LLAMA3_FLAVORS against torchtitan 0.3's llama3_configs and 0.2's llama3_args; which flavors 0.3's
     config_registry functions build; and the RoPE and norm settings every flavor shares."""
@@ -922,6 +926,7 @@ def test_torchtitan_values(config_name, tmp_path):
     assert checkpointing == ("FullAC.Config" if config.software.activation_checkpointing else "NoneType")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config_name", ["cpu", "3d"])
 def test_torchtitan_toml_values(config_name, tmp_path):
     config, parsed = CONFIGS[config_name], _load(config_name, "torchtitan-toml", tmp_path)
@@ -1083,6 +1088,7 @@ def test_config_from_an_older_cotune_gets_todays_defaults_and_says_which():
 # --- the command line ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_exports_every_format_to_a_folder_and_warns_what_is_lost(tmp_path):
     storage, _ = _study(tmp_path, POINTS)
     for fmt in EXPORTERS:

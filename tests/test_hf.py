@@ -205,6 +205,7 @@ def test_the_search_learns_shape_parameters_and_reasons(llama_info):
     assert llama_info.config["pad_token_id"] == 2 and llama_info.config["vocab_size"] == VOCAB
 
 
+@pytest.mark.slow
 def test_describe_is_cached_and_a_bad_field_is_a_user_error(tmp_path):
     from cotune import workload
     from cotune.space import WorkloadSpec

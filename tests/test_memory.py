@@ -104,6 +104,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.getbasetemp() / "cotune-builtin-cache"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "c",
     [config(micro=8), config(micro=8, ckpt=True), config(WIDER, micro=4, accum=2, precision="bf16"),

@@ -30,7 +30,7 @@ from cotune.config import (
 from cotune.data import default_cache_dir
 from cotune.trial.model import GPT, GPTConfig
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]  # every test runs trials under torchrun
 
 # Losses are compared to this tolerance: fp32 collectives add in another order than one
 # process does (observed differences are about 1e-6).

@@ -104,6 +104,7 @@ def test_real_study_report_in_chromium(real_search, tmp_path):
     assert (tmp_path / "report.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_confirmed_report_draws_error_bars_in_chromium(fingerprint, tmp_path):
     study = seeded_study(tmp_path, fingerprint)
     confirm.confirm_study(study, noisy_run, tmp_path / "runs", repeats=3)

@@ -190,6 +190,7 @@ def test_unreadable_result_is_a_crash(tmp_path: Path) -> None:
     assert "could not be read" in result.reason
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_timeout_kills_the_whole_tree_including_a_setsid_grandchild(tmp_path: Path) -> None:
     tree = _script(tmp_path, TREE_SCRIPT, "tree.py")

@@ -121,6 +121,7 @@ def test_learning_rate_schedule() -> None:
 # ---------------------------------------------------------------------------- train_and_measure
 
 
+@pytest.mark.slow
 def test_ok_run_has_sane_metrics(ok_result: TrialResult) -> None:
     r = ok_result
     assert r.status == "ok", r.reason
@@ -147,6 +148,7 @@ def test_ok_run_has_sane_metrics(ok_result: TrialResult) -> None:
     assert r.phase_seconds["measured"] >= 4 * m["step_time_mean_s"]
 
 
+@pytest.mark.slow
 def test_loss_curve_decreases(ok_result: TrialResult) -> None:
     curve = ok_result.loss_curve
     assert [row[0] for row in curve] == list(range(1, 41))
@@ -155,6 +157,7 @@ def test_loss_curve_decreases(ok_result: TrialResult) -> None:
     assert first > 4.5 and last < first - 1.0
 
 
+@pytest.mark.slow
 def test_same_seed_same_loss_with_and_without_activation_checkpointing(cache: Path) -> None:
     config = with_(BASE, run={"token_budget": 8 * 64 * 8, "warmup_steps": 1, "measured_steps": 2})
     plain = train_and_measure(config, cache_dir=cache)
@@ -165,6 +168,7 @@ def test_same_seed_same_loss_with_and_without_activation_checkpointing(cache: Pa
     assert abs(other_seed.metrics["val_loss"] - plain.metrics["val_loss"]) > 1e-4  # the seed matters
 
 
+@pytest.mark.slow
 def test_a_budget_shorter_than_the_timed_steps_is_refused_before_training(cache: Path) -> None:
     """The timed window holds training steps only: the validation loss never falls inside it."""
     with pytest.raises(ValueError, match="warmup_steps \\+ measured_steps must hold, but got 3 steps"):
@@ -175,6 +179,7 @@ def test_a_budget_shorter_than_the_timed_steps_is_refused_before_training(cache:
     assert len(r.loss_curve) == 6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_reduced_precision_runs(cache: Path, precision: str) -> None:
     config = with_(BASE, precision={"precision": precision}, run={"token_budget": 8 * 64 * 6})
@@ -237,6 +242,7 @@ def _run_module(*args: str | Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_module_writes_a_result(cache: Path, tmp_path: Path) -> None:
     config_path, result_path = tmp_path / "config.json", tmp_path / "result.json"
     config_path.write_text(with_(BASE, run={"token_budget": 8 * 64 * 6}).to_json())
