@@ -15,7 +15,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import optuna
 from optuna.trial import TrialState
 
 from cotune import __version__, derive, hardware, memory
-from cotune.config import STATUSES, TrialConfig, TrialResult
+from cotune.config import STATUSES, KernelConfig, TrialConfig, TrialResult
 from cotune.errors import UserError
 from cotune.samplers import SAMPLERS
 from cotune.space import OBJECTIVES, SearchSpace
@@ -176,14 +176,19 @@ def enqueue_baseline(study: optuna.Study, settings: SearchSettings) -> str:
     if study.get_trials(deepcopy=False):
         return "the study holds trials already"
     # The baseline's knob values, as derive fills what it leaves out; its params are what suggest would ask.
-    values = {**derive.DEFAULTS, "world_size": settings.world_size, **declared}
+    tiles = {f.name: f.default for f in fields(KernelConfig) if f.name in derive.KNOBS}
+    values = {**derive.DEFAULTS, **tiles, "world_size": settings.world_size, **declared}
     world = values["world_size"]
     fsdp, tp, pp = (values[n] for n in derive.DEGREES)
     values["layout"] = derive.layout_name(world // (fsdp * tp * pp), fsdp, tp, pp) \
         if world % (fsdp * tp * pp) == 0 else f"fsdp{fsdp}xtp{tp}xpp{pp} (which does not tile world_size={world})"
     answers = derive.Answers(values)
-    derive.suggest(answers, settings.space, settings.native_precisions, study.user_attrs.get("precision_choices"),
-                   world_size=settings.world_size, workload=settings.workload)
+    ran = derive.suggest(answers, settings.space, settings.native_precisions, study.user_attrs.get("precision_choices"),
+                         world_size=settings.world_size, workload=settings.workload)
+    if not answers.problem:  # a knob the space fixes is not asked: the baseline must hold its one value
+        answers.problem = next((f"its {k}={v!r} is outside what the space's knobs.{k} allow "
+                                f"({settings.space.knobs[k].values()})"
+                                for k, v in declared.items() if k in ran and ran[k] != v), "")
     if answers.problem:
         return answers.problem
     study.enqueue_trial(answers.params, user_attrs={"baseline": True})

@@ -354,3 +354,29 @@ def test_importance_ranks_knobs_as_they_ran_conditional_ones_included(fingerprin
     info = report_info(study)
     assert info.importances is not None and "micro_batch_size" in info.importances.index
     assert info.importances["tokens_per_second"].idxmax() == "micro_batch_size"
+
+
+@pytest.mark.parametrize("path", sorted((CPU_SPACE.parent).glob("cpu-*.yaml")), ids=lambda p: p.stem)
+def test_every_cpu_space_declares_a_baseline_its_knobs_can_run(fingerprint, tmp_path, path):
+    space = load_space(path)
+    s = settings(fingerprint, tmp_path, space=space, space_path=str(path), objectives=list(space.objectives),
+                 world_size=space.hardware.nproc or 1)
+    study = search.create_or_resume_study(optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'b.db'}"), "b", s)
+    assert search.enqueue_baseline(study, s) == ""
+    (queued,) = study.get_trials(deepcopy=False)
+    assert queued.user_attrs["baseline"] is True
+
+
+def test_a_baseline_against_a_knob_the_space_fixes_is_not_queued(fingerprint, tmp_path):
+    path = CPU_SPACE.parent / "cpu-triton-tiny.yaml"
+    space = load_space(path)
+    for wrong, why in (({"kernels": "torch"}, "its kernels='torch' is outside what the space's knobs.kernels allow "
+                                             "(['triton'])"),
+                       ({"ln_block_size": None}, "its ln_block_size=1024 is outside what the space's knobs.ln_block_size")):
+        baseline = {k: v for k, v in {**space.baseline, **wrong}.items() if v is not None}
+        s = settings(fingerprint, tmp_path, space=space.model_copy(update={"baseline": baseline}),
+                     space_path=str(path), objectives=list(space.objectives), world_size=1)
+        study = search.create_or_resume_study(optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'w.db'}"),
+                                              f"w{len(why)}", s)
+        assert search.enqueue_baseline(study, s).startswith(why)
+        assert study.get_trials(deepcopy=False) == []
