@@ -89,12 +89,17 @@ def search(
     warm_start: bool = typer.Option(True, "--warm-start/--no-warm-start",
                                     help="Fork one-process trials from a server that imported torch once (default), "
                                     "rather than start each in a fresh interpreter."),
+    early_stopping: bool = typer.Option(True, "--early-stopping/--no-early-stopping",
+                                        help="Stop a trial at 1/9 or 1/3 of its token budget unless it ranks in the "
+                                        "top third, by Pareto rank with its loss there, of the trials that got that "
+                                        "far (default); it is recorded as pruned, never on the front."),
 ) -> None:
     """Run real, measured training trials until the study holds BUDGET of them."""
     _quiet_optuna()
     from cotune import data as data_mod
     from cotune import hardware, runner
     from cotune import search as engine
+    from cotune.early_stop import Halving
     from cotune.space import default_space_path, load_space
     from cotune.study import check_storage_url, open_storage
 
@@ -127,6 +132,7 @@ def search(
         fingerprint=fingerprint, vocab_size=vocab, runs_dir=runs_dir / name, sampler=sampler.value, seed=seed,
         profile=profile, artifacts_dir=Path("cotune-artifacts") / name, allow_mixed_hardware=allow_mixed_hardware,
         world_size=world_size, workload=workload_info, data=_data_attrs(data_info), cache_dir=cache_dir,
+        early_stopping=Halving() if early_stopping else None,
     )
     opt_study = engine.create_or_resume_study(open_storage(storage), name, settings)
     if baseline:
@@ -157,10 +163,11 @@ def search(
 
     fork_server = runner.ForkServer(settings.runs_dir / "fork-server.log") if warm_start else None
 
-    def run_fn(config, trial_dir):
+    def run_fn(config, trial_dir, on_rung=None):
         # Triton kernel timings are shared by the study's trials, in its runs folder.
         return runner.launch_trial(config, trial_dir, cache_dir=cache_dir, trace=profile,
-                                kernel_cache=settings.runs_dir / "kernel-timings.json", fork_server=fork_server)
+                                   kernel_cache=settings.runs_dir / "kernel-timings.json", fork_server=fork_server,
+                                   on_rung=on_rung)
 
     try:
         _run_with_progress(opt_study, settings, run_fn)
@@ -252,10 +259,12 @@ def _stats(p) -> str:
     from cotune.display import fmt
     from cotune.labels import label
 
-    failed = ", ".join(f"{k} {v}" for k, v in p.by_status.items() if k not in ("ok", "infeasible") and v)
+    failed = ", ".join(f"{k} {v}" for k, v in p.by_status.items() if k not in ("ok", "infeasible", "pruned") and v)
+    pruned = p.by_status.get("pruned", 0)
     best = "  ".join(f"best {label(k)} {fmt(v)}" for k, v in p.best.items())
     infeasible = p.by_status.get("infeasible", 0)
-    return f"ok {p.by_status.get('ok', 0)}" + (f" | failed: {failed}" if failed else "") + \
+    return f"ok {p.by_status.get('ok', 0)}" + (f" | stopped early {pruned}" if pruned else "") + \
+        (f" | failed: {failed}" if failed else "") + \
         (f" | infeasible {infeasible} (not launched)" if infeasible else "") + \
         f" | pareto {p.pareto_size} | {best}"
 

@@ -19,7 +19,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved1f1b")
 KERNEL_IMPLS = ("torch", "triton")
 KERNELS = ("mlp", "cross_entropy", "layernorm")  # the ops cotune has Triton kernels for
-STATUSES = ("ok", "infeasible", "oom", "timeout", "crash", "diverged")
+STATUSES = ("ok", "infeasible", "oom", "timeout", "crash", "diverged", "pruned")
 TRAINING_OBJECTIVES = ("causal_lm", "masked_lm")  # what a workload trains on (not the search's objectives)
 
 
@@ -150,6 +150,12 @@ class RunConfig:
     timeout_s: float = 120.0
     seed: int = 0
     profile: bool = False  # add a torch.profiler pass after measuring
+    # Shares of the token budget where the trial also takes a (shorter) validation loss and reports it
+    # with its throughput and memory, so the search can stop it early; () reports nothing.
+    rung_fractions: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rung_fractions", tuple(float(f) for f in self.rung_fractions))
 
 
 @dataclass(frozen=True)
@@ -201,16 +207,19 @@ def _from_dict(cls: type, data: Any, where: str) -> Any:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(fields)}")
-    missing = sorted(set(fields) - set(data))
+    missing = sorted(set(fields) - set(data) - _ADDED_LATER)  # a config written before a key existed takes its default
     if missing:
         raise ValueError(f"{where}: missing key(s) {missing}")
     values = {}
     for name in fields:
+        if name not in data:
+            continue
         sub = _SECTIONS.get(name) if cls is TrialConfig else None
         values[name] = _from_dict(sub, data[name], f"{where}.{name}") if sub else data[name]
     return cls(**values)
 
 
+_ADDED_LATER = {"rung_fractions"}
 _SECTIONS: dict[str, type] = {
     "workload": WorkloadConfig,
     "batch": BatchConfig,
@@ -235,7 +244,9 @@ class TrialResult:
     step run (more than budget_steps when warm-up + measured steps need more);
     ``tokens_trained`` = budget_steps * global batch * seq_len, the tokens behind val_loss.
     ``phase_seconds`` splits the trial's wall time (start_and_import, data, model_build,
-    warmup, measured, rest_and_eval, peak_flops, profile, ...).
+    warmup, measured, rest_and_eval, rung_eval, peak_flops, profile, ...).
+    A ``pruned`` trial was stopped by the search at a rung: its metrics are the rung's
+    (``rung_val_loss`` on the rung's shorter held-out set, no ``val_loss``) and ``rungs`` lists every rung reached.
     """
 
     status: str
@@ -253,7 +264,7 @@ class TrialResult:
             raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return _json_safe(dataclasses.asdict(self))
+        return json_safe(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrialResult:
@@ -275,14 +286,14 @@ class TrialResult:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """NaN/inf become strings ("nan", "inf") so the JSON is strict and Optuna storages accept it."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 

@@ -108,6 +108,11 @@ def result_line(number: int, result: TrialResult) -> str:
             f"trial {number:>3} [green]ok[/]        {float(m['tokens_per_second']):>10,.0f} tok/s  "
             f"val loss {float(m['val_loss']):.4f}  peak {fmt_bytes(m.get('peak_memory_bytes'))}"
         )
+    if result.status == "pruned":  # stopped at a rung: its throughput is measured, its loss is the rung's
+        return (
+            f"trial {number:>3} [cyan]pruned[/]    {float(m['tokens_per_second']):>10,.0f} tok/s  "
+            f"rung loss {float(m['rung_val_loss']):.4f}  {result.reason.split(':')[0]}"
+        )
     colour = "yellow" if result.status == "infeasible" else "red"
     reason = result.reason or (result.error_tail.strip().splitlines() or [""])[-1]
     return f"trial {number:>3} [{colour}]{result.status:<10}[/] {reason[:160]}"

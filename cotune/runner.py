@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ def trial_argv(
     cache_dir: Path | None = None,
     world_size: int = 1,
     kernel_cache: Path | None = None,
+    progress_path: Path | None = None,
 ) -> list[str]:
     """The command that runs one trial: ``python -m cotune.trial CONFIG --result RESULT``.
 
@@ -60,7 +62,8 @@ def trial_argv(
     if world_size > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc-per-node={world_size}"]
     return [*launcher, "-m", "cotune.trial", *trial_args(config_path, result_path, trace_dir=trace_dir,
-                                                         cache_dir=cache_dir, kernel_cache=kernel_cache)]
+                                                         cache_dir=cache_dir, kernel_cache=kernel_cache,
+                                                         progress_path=progress_path)]
 
 
 def trial_args(
@@ -70,8 +73,9 @@ def trial_args(
     trace_dir: Path | None = None,
     cache_dir: Path | None = None,
     kernel_cache: Path | None = None,
+    progress_path: Path | None = None,
 ) -> list[str]:
-    """The arguments of ``python -m cotune.trial``: ``CONFIG --result RESULT`` and the optional folders."""
+    """The arguments of ``python -m cotune.trial``: ``CONFIG --result RESULT`` and the optional paths."""
     args = [str(config_path), "--result", str(result_path)]
     if trace_dir is not None:
         args += ["--trace-dir", str(trace_dir)]
@@ -79,6 +83,8 @@ def trial_args(
         args += ["--cache-dir", str(cache_dir)]
     if kernel_cache is not None:
         args += ["--kernel-cache", str(kernel_cache)]
+    if progress_path is not None:
+        args += ["--progress", str(progress_path)]
     return args
 
 
@@ -90,12 +96,16 @@ def launch_trial(
     trace: bool = False,
     kernel_cache: Path | None = None,
     fork_server: ForkServer | None = None,
+    on_rung: RungFn | None = None,
 ) -> TrialResult:
     """Run ``config`` in its own process tree under ``trial_dir`` and say how it went.
 
     ``kernel_cache`` is the study's file of Triton kernel timings (see cotune.trial.kernels.timing).
     With ``fork_server`` a one-process trial is forked from it (a warm start: torch is imported
     already) rather than started fresh; a multi-process trial always starts under torchrun.
+    With ``on_rung`` (and ``config.run.rung_fractions``) the trial reports each rung in
+    ``progress.jsonl`` and ``on_rung(record)`` hears it: a non-empty answer says why to stop the trial
+    there, and it ends ``pruned`` with the rung's metrics.
 
     The folder ends up holding ``config.json`` (the same JSON reruns the trial by hand),
     ``log.txt`` (stdout and stderr) and, if the trial got that far, ``result.json``.
@@ -105,8 +115,9 @@ def launch_trial(
     config_path = trial_dir / "config.json"
     config_path.write_text(config.to_json())
     result_path = trial_dir / "result.json"
+    progress_path = trial_dir / "progress.jsonl" if on_rung is not None and config.run.rung_fractions else None
     argv = trial_argv(config_path, result_path, trace_dir=trial_dir if trace else None, cache_dir=cache_dir,
-                      world_size=config.parallel.world_size, kernel_cache=kernel_cache)
+                      world_size=config.parallel.world_size, kernel_cache=kernel_cache, progress_path=progress_path)
     return run_process(
         argv,
         result_path=result_path,
@@ -114,6 +125,7 @@ def launch_trial(
         timeout_s=config.run.timeout_s,
         env=_trial_env(config),
         fork_server=fork_server if config.parallel.world_size == 1 else None,
+        progress=Progress(progress_path, on_rung) if progress_path is not None else None,
     )
 
 
@@ -139,6 +151,50 @@ def child_env() -> dict[str, str]:
     return env
 
 
+# --------------------------------------------------------------------------- rungs
+
+RungFn = Callable[[dict[str, Any]], str]  # a rung's record -> why to stop the trial there ('' to go on)
+_PROGRESS_POLL_S = 0.5  # how often a trial's progress file is looked at (a stat; reads only when it grew)
+
+
+@dataclasses.dataclass
+class Progress:
+    """A trial's rung records as it appends them (JSON lines), each passed to ``on_rung`` once."""
+
+    path: Path
+    on_rung: RungFn
+    offset: int = 0
+    last: dict[str, Any] | None = None  # the last rung heard
+    stop_reason: str = ""
+
+    def poll(self, may_stop: bool = True) -> bool:
+        """Hear the complete lines written since the last poll; True when ``on_rung`` says stop (and
+        ``may_stop``: a trial that has exited keeps its own result)."""
+        try:
+            if self.path.stat().st_size <= self.offset:
+                return False
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return False
+        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits for the next poll
+        self.offset += len(complete)
+        for line in complete.splitlines():
+            self.last = json.loads(line)
+            reason = self.on_rung(self.last)
+            if reason and may_stop:
+                self.stop_reason = reason
+                return True
+        return False
+
+    def pruned(self) -> TrialResult:
+        """The stopped trial's result: what it reported at the rung it was stopped at."""
+        r = self.last or {}
+        return TrialResult("pruned", metrics=r.get("metrics", {}), loss_curve=r.get("loss_curve", []),
+                           phase_seconds=dict(r.get("phase_seconds", {})), reason=self.stop_reason)
+
+
 # --------------------------------------------------------------------------- processes
 
 
@@ -152,6 +208,7 @@ def run_process(
     env: dict[str, str] | None = None,
     kill_grace_s: float = KILL_GRACE_S,
     fork_server: ForkServer | None = None,
+    progress: Progress | None = None,
 ) -> TrialResult:
     """Run ``argv`` in a new session, stdout and stderr to ``log_path``, for at most ``timeout_s``.
 
@@ -161,10 +218,14 @@ def run_process(
     environment (default: ours). ``phase_seconds["process_wall"]`` is launch to exit.
     With ``fork_server``, ``argv`` (``python -m cotune.trial ARGS``) is forked from that server
     instead, in a new session all the same; if the server is unavailable it starts as usual.
+    With ``progress`` its file is looked at every half second while the process runs; when its
+    ``on_rung`` says stop, the tree is killed and the result is ``pruned``.
     """
     result_path, log_path = Path(result_path), Path(log_path)
     # A result left by an earlier run in the same place must not pass for this run's.
     result_path.unlink(missing_ok=True)
+    if progress is not None:
+        progress.path.unlink(missing_ok=True)
     for stale in _rank_results(result_path):
         stale.unlink(missing_ok=True)
     child_env = dict(os.environ if env is None else env)
@@ -191,7 +252,8 @@ def run_process(
 
     seen: set[psutil.Process] = set()
     try:
-        timed_out = _wait(proc, start + timeout_s, seen, scan_every_s=None if subreaper else _SCAN_S)
+        timed_out = _wait(proc, start + timeout_s, seen, scan_every_s=None if subreaper else _SCAN_S,
+                          progress=progress)
     except BaseException:
         # Ctrl-C or a bug in here: the tree must not outlive us either way.
         _end_tree(proc, seen, ours_before, kill_grace_s)
@@ -199,6 +261,10 @@ def run_process(
     wall = time.monotonic() - start
     # Timed out, or it exited: anything it left running (a daemon grandchild, a compile worker) goes too.
     _end_tree(proc, seen, ours_before, kill_grace_s)
+    if progress is not None and progress.stop_reason:
+        out = progress.pruned()
+        out.phase_seconds["process_wall"] = wall
+        return out
 
     result, result_error = _load_result(result_path)
     if result is None and result_error is None:
@@ -264,21 +330,30 @@ def _first_failure(paths: list[Path]) -> tuple[TrialResult | None, str | None]:
     return result, error
 
 
-def _wait(proc: subprocess.Popen, deadline: float, seen: set[psutil.Process], scan_every_s: float | None) -> bool:
-    """Wait until ``proc`` exits or ``deadline`` (monotonic) passes; True if it timed out.
+def _wait(proc: subprocess.Popen, deadline: float, seen: set[psutil.Process], scan_every_s: float | None,
+          progress: Progress | None = None) -> bool:
+    """Wait until ``proc`` exits, ``deadline`` (monotonic) passes or ``progress`` says stop; True if it timed out.
 
     As a subreaper (``scan_every_s`` None) this only waits. Otherwise it scans the tree every
     ``scan_every_s`` into ``seen``, so a grandchild whose parent died (and which is no longer
     reachable from ``proc``) can still be killed later.
     """
+    last_scan = time.monotonic()
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return True
-        with contextlib.suppress(subprocess.TimeoutExpired):  # a slice ran out: scan, then wait again
-            proc.wait(timeout=remaining if scan_every_s is None else min(scan_every_s, remaining))
+        slices = [remaining] + ([scan_every_s] if scan_every_s is not None else []) \
+            + ([_PROGRESS_POLL_S] if progress is not None else [])
+        with contextlib.suppress(subprocess.TimeoutExpired):  # a slice ran out: poll or scan, then wait again
+            proc.wait(timeout=min(slices))
+            if progress is not None:
+                progress.poll(may_stop=False)  # rungs written just before it exited are still heard
             return False
-        if scan_every_s is not None:
+        if progress is not None and progress.poll():
+            return False
+        if scan_every_s is not None and time.monotonic() - last_scan >= scan_every_s:
+            last_scan = time.monotonic()
             alive = {p for p in seen if _alive(p)}
             seen.clear()
             seen.update(alive, _descendants([proc.pid, *(p.pid for p in alive)]))

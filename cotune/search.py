@@ -15,22 +15,24 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
-from cotune import __version__, derive, hardware, memory
-from cotune.config import STATUSES, KernelConfig, TrialConfig, TrialResult
+from cotune import __version__, derive, early_stop, hardware, memory
+from cotune.config import STATUSES, KernelConfig, TrialConfig, TrialResult, json_safe
+from cotune.early_stop import Halving
 from cotune.errors import UserError
 from cotune.samplers import SAMPLERS
 from cotune.space import OBJECTIVES, SearchSpace
 from cotune.study import counted_trials, pareto_trials
 from cotune.workload import WorkloadInfo
 
-RunFn = Callable[[TrialConfig, Path], TrialResult]
+# Runs a config in a folder; with early stopping it also takes ``on_rung`` (see runner.launch_trial).
+RunFn = Callable[..., TrialResult]
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class SearchSettings:
     # Infeasible trials one search may record before it stops (they launch nothing, but a space that is
     # almost all infeasible would spin); None: 10 per budgeted trial.
     infeasible_cap: int | None = None
+    early_stopping: Halving | None = None  # stop trials at loss rungs (MO-ASHA); None: every trial runs its budget
 
     @property
     def native_precisions(self) -> list[str]:
@@ -326,6 +329,10 @@ def _ask_run_record(study: optuna.Study, trial: optuna.Trial, settings: SearchSe
     on_start(trial.number, config)
     if reason:
         result = TrialResult(status="infeasible", reason=reason)
+    elif settings.early_stopping is not None:
+        config = replace(config, run=replace(config.run, rung_fractions=settings.early_stopping.fractions))
+        result = run_fn(config, settings.runs_dir / f"trial-{trial.number:04d}",
+                        on_rung=_rung_listener(study, trial, settings))
     else:
         result = run_fn(config, settings.runs_dir / f"trial-{trial.number:04d}")
     # Feasibility is a constraint the samplers learn from (<= 0: feasible): 1 for a broken rule, the share
@@ -337,6 +344,28 @@ def _ask_run_record(study: optuna.Study, trial: optuna.Trial, settings: SearchSe
         _study_mfu(study, config, result)
     record(study, trial, config, knob_values, result, settings, estimate)
     return result
+
+
+def _rung_listener(study: optuna.Study, trial: optuna.Trial, settings: SearchSettings) -> Callable[[dict], str]:
+    """What hears a running trial's rungs: it records each in the trial (user attr ``rungs``) and says
+    why to stop the trial there ('' to go on). The baseline is never stopped: it is the reference.
+    (No intermediate values: Optuna's TPE reads them with a single direction, which a study of several
+    objectives has not; it ranks pruned trials after the completed ones all the same.)"""
+    heard: list[dict[str, Any]] = []
+    baseline = bool(trial.user_attrs.get("baseline"))  # an enqueued trial carries its user attrs from the start
+
+    def on_rung(record: dict[str, Any]) -> str:
+        summary = early_stop.rung_summary(record, settings.objectives)
+        heard.append(summary)
+        trial.set_user_attr("rungs", json_safe(heard))
+        if baseline:
+            return ""
+        i = summary["rung"]
+        peers = [rungs[i] for t in study.get_trials(deepcopy=False)
+                 if t.number != trial.number and len(rungs := t.user_attrs.get("rungs") or []) > i]
+        return early_stop.stop_reason(summary, peers, settings.objectives, settings.early_stopping.eta)
+
+    return on_rung
 
 
 def _study_mfu(study: optuna.Study, config: TrialConfig, result: TrialResult) -> None:
@@ -406,9 +435,9 @@ def record(
         trial.set_user_attr(key, json.loads(json.dumps(value)))
     if values is not None:
         study.tell(trial, values=values)
-    elif result.status == "infeasible":
+    elif result.status in ("infeasible", "pruned"):
         # Never launched, so no values; PRUNED with its violated constraint is what TPE learns the infeasible
-        # region from (it skips FAIL trials altogether).
+        # region from (it skips FAIL trials altogether). A trial stopped at a rung is PRUNED and feasible.
         study.tell(trial, state=TrialState.PRUNED)
     else:
         study.tell(trial, state=TrialState.FAIL)

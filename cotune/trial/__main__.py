@@ -1,4 +1,4 @@
-"""``python -m cotune.trial CONFIG.json --result RESULT.json [--trace-dir DIR] [--cache-dir DIR]``.
+"""``python -m cotune.trial CONFIG.json --result RESULT.json [--trace-dir DIR] [--cache-dir DIR] [--progress FILE]``.
 
 Runs one trial in this process and writes its TrialResult atomically. Exit 0 when a
 result was written (ok or a classified failure such as oom or diverged), 2 for a
@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trace-dir", type=Path, default=None, help="folder for the profiler's Chrome trace")
     parser.add_argument("--cache-dir", type=Path, default=None, help="prepared data and probes (default: ~/.cache/cotune)")
     parser.add_argument("--kernel-cache", type=Path, default=None, help="JSON file of Triton kernel timings to reuse")
+    parser.add_argument("--progress", type=Path, default=None,
+                        help="JSON-lines file the trial appends a record to at each rung (see run.rung_fractions)")
     args = parser.parse_args(argv)
 
     from cotune.config import TrialConfig, TrialResult
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
         result = train_and_measure(
             config, cache_dir=args.cache_dir or default_cache_dir(), trace_dir=args.trace_dir, own_process=True,
-            kernel_cache=args.kernel_cache,
+            kernel_cache=args.kernel_cache, progress_path=args.progress,
         )
     except UserError as e:
         print(f"cotune trial: error: {e}", file=sys.stderr)

@@ -167,15 +167,17 @@ class Trainer:
         return torch.stack([t.detach().float() for t in losses]).sum() / self.scaler.value  # unscaled
 
     @torch.no_grad()
-    def evaluate(self, val_tokens: np.ndarray) -> float:
+    def evaluate(self, val_tokens: np.ndarray, eval_tokens: int | None = None) -> float:
         """Mean cross-entropy over fixed, evenly spaced windows of the val split (nats per predicted token).
 
         The windows (and, for masked LM, their masks: a fixed seed) are the same in every trial
         of a study. Every data-parallel rank evaluates all windows; with pp > 1 the hidden
-        states travel stage to stage by point-to-point sends.
+        states travel stage to stage by point-to-point sends. ``eval_tokens`` (default the run's)
+        reads fewer: a rung's loss.
         """
         run, T = self.config.run, self.config.workload.seq_len
-        starts = measure.eval_window_starts(len(val_tokens), T, run.eval_tokens, batches.window_tokens(self.objective))
+        starts = measure.eval_window_starts(len(val_tokens), T, eval_tokens or run.eval_tokens,
+                                            batches.window_tokens(self.objective))
         seeds = batches.mask_seeds(np.random.default_rng(batches.EVAL_MASK_SEED), len(starts))
         x_all, y_all = self.batch(starts, val_tokens, seeds)
         for m in self.par.modules:

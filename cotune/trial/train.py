@@ -11,9 +11,11 @@ other exception propagates (the runner classifies it as a crash).
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +41,7 @@ from cotune.trial.workloads import apply_activation_checkpointing, build_workloa
 
 MAX_CURVE_POINTS = 200
 PROFILE_STEPS = 3
+RUNG_EVAL_SHARE = 4  # a rung's validation loss reads 1/4 of the final evaluation's tokens
 
 
 def train_and_measure(
@@ -48,6 +51,7 @@ def train_and_measure(
     trace_dir: Path | None = None,
     own_process: bool = False,
     kernel_cache: Path | None = None,
+    progress_path: Path | None = None,
 ) -> TrialResult:
     """Train ``config``'s workload for its token budget and measure it.
 
@@ -55,7 +59,8 @@ def train_and_measure(
     receives the Chrome trace of a profiled run. ``own_process`` says the process was
     started for this trial alone (``python -m cotune.trial``), so ``start_and_import``
     counts from process creation; otherwise it is 0. ``kernel_cache`` is the JSON file of
-    Triton kernel timings shared by a study's trials.
+    Triton kernel timings shared by a study's trials. ``progress_path``, if given, gets one JSON
+    line per rung (:func:`rung_record`) as the trial reaches it, for a search that may stop it there.
     """
     phases = {"start_and_import": measure.process_age_s() if own_process else 0.0}
     reason = infeasible_reason(config)
@@ -63,7 +68,8 @@ def train_and_measure(
         return TrialResult("infeasible", reason=reason, phase_seconds=phases)
     d = distributed.init(config)
     try:
-        result = _run(config, d, Path(cache_dir), trace_dir if d.rank == 0 else None, phases, kernel_cache)
+        result = _run(config, d, Path(cache_dir), trace_dir if d.rank == 0 else None, phases, kernel_cache,
+                      progress_path)
     except Exception as e:  # MemoryError and torch.OutOfMemoryError are Exceptions too
         # No shutdown on a failure: tearing the process group down first would make the other ranks
         # fail (a closed connection) before this rank has said why. The process exits right after.
@@ -139,7 +145,7 @@ def learning_rate_at(step: int, opt: OptimizerConfig, budget_steps: int) -> floa
 
 def _run(
     config: TrialConfig, d: Dist, cache_dir: Path, trace_dir: Path | None, phases: dict[str, float],
-    kernel_cache: Path | None,
+    kernel_cache: Path | None, progress_path: Path | None = None,
 ) -> TrialResult:
     """The trial's phases: data, model and layout, training (timed window inside), measurement, extras."""
     t = time.perf_counter()
@@ -155,7 +161,15 @@ def _run(
 
     flops_per_token = measure.flops_per_token(n_params, config.workload)
     metrics: dict = {"n_params": n_params, "flops_per_token": flops_per_token, "budget_steps": config.budget_steps}
-    run = train(config, trainer, val_tokens, phases, host_memory)
+    def on_rung(rung: int, so_far: TrainingRun, loss: float) -> None:
+        measured = _measure(config, d, so_far, flops_per_token, cache_dir, host_memory)  # collective: every rank
+        if d.rank == 0 and progress_path is not None:
+            record = rung_record(config, rung, so_far, loss, {**metrics, **measured}, phases)
+            with open(progress_path, "a") as f:  # one whole line per write: the reader takes complete lines
+                f.write(json.dumps(record) + "\n")
+
+    run = train(config, trainer, val_tokens, phases, host_memory,
+                on_rung=on_rung if config.run.rung_fractions and progress_path is not None else None)
     if run.diverged:
         metrics.update(train_steps=run.steps, tokens_trained=run.steps * config.batch.global_batch_size
                        * config.workload.seq_len)
@@ -176,6 +190,17 @@ def _run(
         return result
     _extras(config, d, trainer, result, trace_dir, kernel_cache)
     return result
+
+
+def rung_record(config: TrialConfig, rung: int, so_far: TrainingRun, loss: float, metrics: dict,
+                phases: dict[str, float]) -> dict:
+    """What a trial says at a rung: where it is, the rung's loss, and the metrics a stopped trial keeps
+    (throughput and memory from the timed window, which ended before the first rung)."""
+    tokens = so_far.steps * config.batch.global_batch_size * config.workload.seq_len
+    kept = {k: v for k, v in metrics.items() if k != "val_loss"}  # a rung's loss is not the budget's
+    kept.update(rung_val_loss=loss, train_steps=so_far.steps, tokens_trained=tokens)
+    return {"rung": rung, "step": so_far.steps, "tokens": tokens, "val_loss": loss, "metrics": kept,
+            "phase_seconds": dict(phases), "loss_curve": measure.subsample(so_far.curve, MAX_CURVE_POINTS)}
 
 
 def _load_data(config: TrialConfig, cache_dir: Path) -> tuple[DataInfo, np.ndarray, np.ndarray]:
@@ -238,8 +263,24 @@ class TrainingRun:
     diverged: str = ""  # why, if the training loss stopped being finite
 
 
+def rung_steps(config: TrialConfig) -> list[int]:
+    """The steps after which the trial reports a rung: each ``run.rung_fractions`` share of the budget,
+    rounded up, no earlier than the end of the timed window (a rung reports the throughput too) and
+    before the last step (whose loss is the trial's own)."""
+    run, budget = config.run, config.budget_steps
+    first = run.warmup_steps + run.measured_steps
+    return sorted({s for s in (max(first, math.ceil(f * budget)) for f in run.rung_fractions) if s < budget})
+
+
+def rung_eval_tokens(config: TrialConfig) -> int:
+    """Held-out tokens of a rung's loss: a quarter of the final evaluation's (at least one window).
+    Every trial of a study takes the same windows at a rung, so rung losses compare among themselves."""
+    return max(config.workload.seq_len, config.run.eval_tokens // RUNG_EVAL_SHARE)
+
+
 def train(config: TrialConfig, trainer: Trainer, val_tokens: np.ndarray, phases: dict[str, float],
-          host_memory: measure.HostMemory | None = None) -> TrainingRun:
+          host_memory: measure.HostMemory | None = None,
+          on_rung: Callable[[int, TrainingRun, float], None] | None = None) -> TrainingRun:
     """Train to the token budget, timing steps [warmup_steps, warmup_steps + measured_steps), then evaluate.
 
     The timed window holds training steps and nothing else, in every layout: each step is
@@ -248,6 +289,8 @@ def train(config: TrialConfig, trainer: Trainer, val_tokens: np.ndarray, phases:
     window they are read after every step). The validation loss is taken after the last
     step; the budget holds the timed window (a rule checked before launch). ``host_memory``
     (CPU) takes a checkpoint wherever the losses are read, never between two timed steps.
+    After each of :func:`rung_steps` the loss on :func:`rung_eval_tokens` held-out tokens goes
+    to ``on_rung(rung_index, run_so_far, rung_loss)`` (outside the timed window, which ends before).
     """
     run, device = config.run, trainer.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -256,7 +299,8 @@ def train(config: TrialConfig, trainer: Trainer, val_tokens: np.ndarray, phases:
     timed = range(run.warmup_steps, run.warmup_steps + run.measured_steps)
     out = TrainingRun()
     pending: list[torch.Tensor] = []  # this rank's losses not read yet
-    for name in ("warmup", "measured", "rest_and_eval"):
+    rungs = rung_steps(config) if on_rung is not None else []
+    for name in ("warmup", "measured", "rest_and_eval", *(["rung_eval"] if rungs else [])):
         phases[name] = 0.0
     for step in range(budget_steps):
         t_iter = time.perf_counter()
@@ -282,6 +326,11 @@ def train(config: TrialConfig, trainer: Trainer, val_tokens: np.ndarray, phases:
         out.steps = step + 1
         if out.diverged:
             return out
+        if step + 1 in rungs:
+            t = time.perf_counter()
+            loss = trainer.evaluate(val_tokens, rung_eval_tokens(config))
+            phases["rung_eval"] += time.perf_counter() - t
+            on_rung(rungs.index(step + 1), out, loss)
     t = time.perf_counter()
     out.val_loss = trainer.evaluate(val_tokens)
     phases["rest_and_eval"] += time.perf_counter() - t
