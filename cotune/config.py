@@ -244,7 +244,8 @@ class TrialResult:
     step run (more than budget_steps when warm-up + measured steps need more);
     ``tokens_trained`` = budget_steps * global batch * seq_len, the tokens behind val_loss.
     ``phase_seconds`` splits the trial's wall time (start_and_import, data, model_build,
-    warmup, measured, rest_and_eval, rung_eval, peak_flops, profile, ...).
+    warmup, measured, rest (the training steps after the timed window), rung_eval, eval, peak_flops,
+    profile, ...).
     A ``pruned`` trial was stopped by the search at a rung: its metrics are the rung's
     (``rung_val_loss`` on the rung's shorter held-out set, no ``val_loss``) and ``rungs`` lists every rung reached.
     """

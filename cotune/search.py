@@ -360,9 +360,8 @@ def _rung_listener(study: optuna.Study, trial: optuna.Trial, settings: SearchSet
         trial.set_user_attr("rungs", json_safe(heard))
         if baseline:
             return ""
-        i = summary["rung"]
-        peers = [rungs[i] for t in study.get_trials(deepcopy=False)
-                 if t.number != trial.number and len(rungs := t.user_attrs.get("rungs") or []) > i]
+        peers = [r for t in study.get_trials(deepcopy=False) if t.number != trial.number
+                 for r in t.user_attrs.get("rungs") or [] if r["rung"] == summary["rung"]]
         return early_stop.stop_reason(summary, peers, settings.objectives, settings.early_stopping.eta)
 
     return on_rung

@@ -126,6 +126,16 @@ def test_a_config_written_before_rungs_existed_still_loads():
 
 # ------------------------------------------------------------------ a real trial at its rungs
 
+def test_rungs_fall_on_the_same_share_of_tokens_and_never_inside_the_timed_window():
+    from cotune.trial.train import rung_steps
+    from tests.test_trial import BASE, with_
+
+    # 40 steps to the budget, the timed window ends after step 6.
+    assert rung_steps(with_(BASE, run={"rung_fractions": (1 / 9, 1 / 3)})) == {14: 1}  # ceil(40/9) = 5 < 6: skipped
+    assert rung_steps(with_(BASE, run={"rung_fractions": (1 / 9, 1 / 3), "warmup_steps": 1})) == {5: 0, 14: 1}
+    assert rung_steps(with_(BASE, run={"rung_fractions": (0.999,)})) == {}  # the last step: the trial's own loss
+    assert rung_steps(BASE) == {}
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.getbasetemp() / "cotune-builtin-cache"
@@ -138,7 +148,7 @@ def test_a_real_trial_reports_each_rung_and_a_stopped_one_ends_there(tmp_path, c
     from tests.test_trial import BASE, with_
 
     config = with_(BASE, run={"rung_fractions": (1 / 4, 1 / 2)})  # 40 steps: rungs after steps 10 and 20
-    assert rung_steps(config) == [10, 20]
+    assert rung_steps(config) == {10: 0, 20: 1}
     heard: list[dict] = []
     full = launch_trial(config, tmp_path / "full", cache_dir=cache, on_rung=lambda r: heard.append(r) or "")
     assert full.status == "ok", full.reason + full.error_tail
@@ -155,3 +165,22 @@ def test_a_real_trial_reports_each_rung_and_a_stopped_one_ends_there(tmp_path, c
     assert stopped.metrics["rung_val_loss"] == pytest.approx(heard[0]["val_loss"], rel=1e-6)  # same seed, same run
     assert stopped.loss_curve[-1][0] == 10 and stopped.phase_seconds["rung_eval"] > 0
     assert not (tmp_path / "stopped" / "result.json").exists()  # killed at the rung, before it finished
+
+
+def test_the_report_lists_stopped_trials_apart_from_failures_and_off_the_front(fingerprint, tmp_path):
+    from cotune.report import report_info
+    from cotune.report.render import render
+
+    s = settings(fingerprint, tmp_path, budget=24, early_stopping=Halving())
+    study = study_for(tmp_path, s)
+    search.run_search(study, s, rung_trial)
+    info = report_info(study)
+    stopped = info.frame[info.frame["status"] == "pruned"]
+    assert len(stopped) == info.status_counts["pruned"] > 0
+    assert not set(stopped.index) & set(info.pareto_numbers) and not set(stopped.index) & set(info.failures.index)
+    html = render(info)
+    section = html[html.index('<section id="pruned">'):]
+    section = section[:section.index("</section>")]
+    assert section.count("<tr>") == 1 + len(stopped)  # the header and one row per stopped trial
+    assert all(f">#{n}<" in section for n in stopped.index)
+    assert 'href="#pruned"' in html and "stopped early" in html

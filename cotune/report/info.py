@@ -155,8 +155,8 @@ def report_info(study: optuna.Study) -> ReportInfo:
     counts = {s: int((frame["status"] == s).sum()) for s in STATUSES}
     for extra in sorted(set(frame["status"]) - set(STATUSES)):  # interrupted, running, ...
         counts[extra] = int((frame["status"] == extra).sum())
-    # A trial still running (a search in progress) has not failed.
-    failures = frame[~frame["ok"] & ~frame["status"].isin(["running", "waiting"])]
+    # A trial still running (a search in progress) has not failed; one stopped at a rung has its own section.
+    failures = frame[~frame["ok"] & ~frame["status"].isin(["running", "waiting", "pruned"])]
     fingerprint = dict(study.user_attrs.get("fingerprint") or {})
     if not fingerprint and len(frame):
         fingerprint = dict(study.trials[0].user_attrs.get("fingerprint") or {})

@@ -20,7 +20,7 @@ from cotune.report.info import ReportInfo
 from cotune.report.page import cell, document, e, figure, key_values, note, section, table
 
 NAV = [("pareto", "Pareto front"), ("pick", "What to pick"), ("convergence", "Convergence"), ("why", "Why"),
-       ("failed", "What failed"), ("kernels", "Kernels"), ("where", "Where it ran"), ("depth", "Trials in depth")]
+       ("pruned", "Stopped early"), ("failed", "What failed"), ("kernels", "Kernels"), ("where", "Where it ran"), ("depth", "Trials in depth")]
 
 
 def render(info: ReportInfo) -> str:
@@ -31,7 +31,7 @@ def render(info: ReportInfo) -> str:
         "loss": figures.loss_curves(info), "steps": figures.step_times(info), "phases": figures.phases(info),
     }
     body = "".join([
-        _pareto(info, figs), _pick(info), _convergence(info, figs), _why(info, figs), _failed(info),
+        _pareto(info, figs), _pick(info), _convergence(info, figs), _why(info, figs), _pruned(info), _failed(info),
         _kernels(info), _where(info), _depth(info, figs),
     ])
     any_figure = any(f is not None for f in figs.values())
@@ -41,7 +41,8 @@ def render(info: ReportInfo) -> str:
     space = info.run.get("space_name") or "unknown space"
     subtitle = e(f"study {info.study_name} · space {space}" + (f" — {info.run['description']}"
                                                                if info.run.get("description") else ""))
-    nav = [(a, t) for a, t in NAV if a != "kernels" or not info.kernels.empty]
+    shown = {"kernels": not info.kernels.empty, "pruned": bool(info.status_counts.get("pruned"))}
+    nav = [(a, t) for a, t in NAV if shown.get(a, True)]
     return document(f"cotune report: {info.study_name}", subtitle, nav, _cards(info), body, footer,
                     get_plotlyjs() if any_figure else "")
 
@@ -68,8 +69,9 @@ def _card(key: str, value: str, sub: str = "", cls: str = "") -> str:
 
 def _cards(info: ReportInfo) -> str:
     counts = info.status_counts
-    failed = sum(v for k, v in counts.items() if k != "ok")
-    cards = [_card("trials", str(len(info.frame)), f"{counts.get('ok', 0)} ok, {failed} not ok")]
+    failed = sum(v for k, v in counts.items() if k not in ("ok", "pruned"))
+    pruned = f"{counts['pruned']} stopped early, " if counts.get("pruned") else ""
+    cards = [_card("trials", str(len(info.frame)), f"{counts.get('ok', 0)} ok, {pruned}{failed} not ok")]
     cards.append(_card("Pareto configs", str(len(info.picks)), f"of {len(info.pareto_numbers)} Pareto trials"))
     for o in info.objectives:
         if o.name in info.extremes:
@@ -96,7 +98,8 @@ def _pareto(info: ReportInfo, figs: dict) -> str:
     parts = []
     if not info.ok.empty:
         failed = (f"{sum(bad.values())} trials that did not finish ok are not plotted ("
-                  + ", ".join(f"{k} {v}" for k, v in bad.items()) + "; see What failed)." if bad
+                  + ", ".join(f"{k} {v}" for k, v in bad.items())
+                  + ("; see Stopped early and What failed)." if "pruned" in bad else "; see What failed).") if bad
                   else "Every trial finished ok.")
         memory = " coloured by peak memory," if info.ok["peak_memory_bytes"].notna().all() else ""
         token_budget = info.run.get("trial", {}).get("token_budget")
@@ -279,6 +282,33 @@ def _confirmed_table(info: ReportInfo) -> str:
                         numeric={0, 2, 4, 5, 6, 7})
 
 
+def _pruned(info: ReportInfo) -> str:
+    """The trials the search stopped at a rung: where, their measured throughput and their loss there."""
+    stopped = info.frame[info.frame["status"] == "pruned"]
+    if stopped.empty:
+        return ""
+    budget = info.run.get("trial", {}).get("token_budget")
+    rows = []
+    for n, f in stopped.iterrows():
+        tokens = f["tokens_trained"]
+        share = f" ({tokens / budget:.0%} of the budget)" if budget and tokens == tokens else ""
+        changed = " ".join(f'<span class="chg">{e(text.change(k, b, v))}</span>'
+                           for k, b, v in differences(f["effective"], info.baseline)) or "same as baseline"
+        rows.append([cell(f"#{n}", n, numeric=True),
+                     cell(e(f"{text.tokens(tokens)}{share}"), tokens, numeric=True),
+                     cell(text.tokens(f["tokens_per_second"]), f["tokens_per_second"], numeric=True),
+                     cell(text.loss(f["rung_val_loss"]), f["rung_val_loss"], numeric=True),
+                     cell(e(f["reason"]), cls="why"), cell(changed, raw=True, cls="changes")])
+    head = (f"<p>{len(stopped)} trials were stopped early: at a rung (a share of the token budget) each one reports "
+            "its measured throughput and memory and its loss on a quarter of the held-out tokens, and goes on only if "
+            "it ranks in the top 1/eta, by Pareto front, of the trials that reached that rung (multi-objective "
+            "asynchronous successive halving). Their rung loss compares only with other trials' at the same rung, "
+            "so they are never on the front and never exported.</p>")
+    return section("pruned", "Stopped early", head + table(
+        ["trial", "stopped after", "tokens/s", "loss at the rung", "why", "changed from baseline"], rows,
+        id="pruned-trials", sortable=True, numeric={0, 1, 2, 3}))
+
+
 def _failed(info: ReportInfo) -> str:
     counts = info.status_counts
     pills = "".join(f'<span class="pill {"ok" if k == "ok" else "bad" if v else "zero"}">{e(k)} {v}</span>'
@@ -286,7 +316,9 @@ def _failed(info: ReportInfo) -> str:
     parts = [f"<p>{pills}</p>"]
     failures = info.failures
     if failures.empty:
-        parts.append(note(f"No trial failed: all {len(info.frame)} finished ok." if len(info.frame) else
+        stopped = counts.get("pruned", 0)
+        parts.append(note(("No trial failed" + (f"; {stopped} were stopped early (see Stopped early)." if stopped else
+                                                f": all {len(info.frame)} finished ok.")) if len(info.frame) else
                           "The study holds no trials yet.", "info"))
         return section("failed", "What failed", "".join(parts))
     rows = []

@@ -263,13 +263,17 @@ class TrainingRun:
     diverged: str = ""  # why, if the training loss stopped being finite
 
 
-def rung_steps(config: TrialConfig) -> list[int]:
-    """The steps after which the trial reports a rung: each ``run.rung_fractions`` share of the budget,
-    rounded up, no earlier than the end of the timed window (a rung reports the throughput too) and
-    before the last step (whose loss is the trial's own)."""
+def rung_steps(config: TrialConfig) -> dict[int, int]:
+    """The steps after which the trial reports a rung, each with its rung's index in ``run.rung_fractions``.
+
+    Rung i comes after ceil(fraction_i * budget_steps) steps, the same share of the token budget in every
+    trial, so rung losses compare. A rung the timed window has not ended by is skipped (a rung reports the
+    throughput, and nothing may run inside the window), as is one at the last step (the trial's own loss).
+    """
     run, budget = config.run, config.budget_steps
-    first = run.warmup_steps + run.measured_steps
-    return sorted({s for s in (max(first, math.ceil(f * budget)) for f in run.rung_fractions) if s < budget})
+    window_end = run.warmup_steps + run.measured_steps
+    steps = {math.ceil(f * budget): i for i, f in enumerate(run.rung_fractions)}
+    return {s: i for s, i in sorted(steps.items()) if window_end <= s < budget}
 
 
 def rung_eval_tokens(config: TrialConfig) -> int:
@@ -299,8 +303,8 @@ def train(config: TrialConfig, trainer: Trainer, val_tokens: np.ndarray, phases:
     timed = range(run.warmup_steps, run.warmup_steps + run.measured_steps)
     out = TrainingRun()
     pending: list[torch.Tensor] = []  # this rank's losses not read yet
-    rungs = rung_steps(config) if on_rung is not None else []
-    for name in ("warmup", "measured", "rest_and_eval", *(["rung_eval"] if rungs else [])):
+    rungs = rung_steps(config) if on_rung is not None else {}
+    for name in ("warmup", "measured", "rest", *(["rung_eval"] if rungs else []), "eval"):
         phases[name] = 0.0
     for step in range(budget_steps):
         t_iter = time.perf_counter()
@@ -321,7 +325,7 @@ def train(config: TrialConfig, trainer: Trainer, val_tokens: np.ndarray, phases:
             pending.clear()
             if host_memory is not None:
                 host_memory.checkpoint()
-        phase = "warmup" if step < timed.start else "measured" if step in timed else "rest_and_eval"
+        phase = "warmup" if step < timed.start else "measured" if step in timed else "rest"
         phases[phase] += time.perf_counter() - t_iter
         out.steps = step + 1
         if out.diverged:
@@ -330,10 +334,10 @@ def train(config: TrialConfig, trainer: Trainer, val_tokens: np.ndarray, phases:
             t = time.perf_counter()
             loss = trainer.evaluate(val_tokens, rung_eval_tokens(config))
             phases["rung_eval"] += time.perf_counter() - t
-            on_rung(rungs.index(step + 1), out, loss)
+            on_rung(rungs[step + 1], out, loss)
     t = time.perf_counter()
     out.val_loss = trainer.evaluate(val_tokens)
-    phases["rest_and_eval"] += time.perf_counter() - t
+    phases["eval"] = time.perf_counter() - t
     return out
 
 

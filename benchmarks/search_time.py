@@ -1,0 +1,125 @@
+"""Where a whole search's wall time goes, and what front it finds, with early stopping off and on.
+
+Runs the real engine and runner (as `cotune search` does: warm starts, the space's baseline
+as trial 0, a throwaway SQLite study) once per mode with the same seed, then reads each
+study: the search's wall time, the share of it spent inside training steps (the trials'
+warm-up, measured and remaining steps by their phase times), what the rest went to, how
+many trials were stopped early, and the hypervolume of the front each found. The
+hypervolume's reference point is the worse of the two baselines' measured values, so it
+is the volume of configs that beat the baseline on both throughput and loss.
+
+    python benchmarks/search_time.py                      # the default space, budget 50, off then on
+    python benchmarks/search_time.py --budget 20 --modes on
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+
+from cotune import data, hardware, runner, search, workload
+from cotune.early_stop import Halving
+from cotune.report import analysis
+from cotune.space import OBJECTIVES, default_space_path, load_space
+
+TRAINING = ("warmup", "measured", "rest")  # phases that are training steps
+OTHER = [("start_and_import", "process start + import"), ("data", "data"), ("model_build", "model build"),
+         ("rung_eval", "rung validations"), ("eval", "final validation"), ("peak_flops", "peak FLOP/s lookup")]
+
+
+def run_mode(early: bool, args, space, space_path, fingerprint, vocab, described, cache_dir, folder: Path):
+    """One search; returns its study and wall seconds."""
+    settings = search.SearchSettings(
+        space=space, space_path=str(space_path), objectives=list(space.objectives), budget=args.budget,
+        fingerprint=fingerprint, vocab_size=vocab, runs_dir=folder / "runs", sampler="tpe", seed=args.seed,
+        world_size=search.check_hardware(space, str(space_path), fingerprint), workload=described,
+        cache_dir=cache_dir, early_stopping=Halving() if early else None,
+    )
+    study = search.create_or_resume_study(optuna.storages.RDBStorage(f"sqlite:///{folder}/bench.db"), "bench",
+                                          settings)
+    search.enqueue_baseline(study, settings)
+    fork_server = runner.ForkServer(folder / "fork-server.log")
+
+    def run(config, trial_dir, on_rung=None):
+        return runner.launch_trial(config, trial_dir, cache_dir=cache_dir, fork_server=fork_server, on_rung=on_rung)
+
+    def done(progress, result):
+        print(f"  {'on ' if early else 'off'} trial {progress.done}/{args.budget}: {result.status}", flush=True)
+
+    start = time.perf_counter()
+    try:
+        search.run_search(study, settings, run, on_done=done)
+    finally:
+        fork_server.close()
+    return study, time.perf_counter() - start
+
+
+def summarise(study: optuna.Study, wall: float) -> dict:
+    trials = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("status") != "infeasible"]
+    phases = [t.user_attrs.get("phase_seconds") or {} for t in trials]
+    out = {"wall": wall, "trials": len(trials), "training": sum(p.get(k, 0.0) for p in phases for k in TRAINING)}
+    for key, _ in OTHER:
+        out[key] = sum(p.get(key, 0.0) for p in phases)
+    out["outside"] = wall - sum(p.get("process_wall", 0.0) for p in phases)  # the search's own work between trials
+    out["ok"] = sum(t.user_attrs["status"] == "ok" for t in trials)
+    out["pruned"] = sum(t.user_attrs["status"] == "pruned" for t in trials)
+    out["front"] = [t for t in study.best_trials if t.user_attrs.get("status") == "ok"]
+    out["baseline"] = next(t.values for t in trials if t.user_attrs.get("baseline") and t.values)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--space", type=Path, default=None)
+    parser.add_argument("--modes", default="off,on", help="early stopping off, on, or both (off,on)")
+    args = parser.parse_args()
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    fingerprint = hardware.fingerprint()
+    space_path = args.space or default_space_path(fingerprint["hardware"]["gpu_count"])
+    space = load_space(space_path)
+    cache_dir = data.default_cache_dir()
+    w = space.workload
+    info = data.prepare_data(w.data, cache_dir, seq_len=w.seq_len, tokenizer=w.tokenizer, text_field=w.data_field)
+    vocab = info.vocab_size if w.vocab_size == "auto" else w.vocab_size
+    described = workload.describe(w, vocab_size=vocab, eot_id=info.eot_id, pad_id=info.pad_id, cache_dir=cache_dir)
+
+    results = {}
+    for mode in [m.strip() for m in args.modes.split(",")]:
+        with tempfile.TemporaryDirectory() as tmp:
+            print(f"early stopping {mode}: {args.budget} trials of {space.name}", flush=True)
+            study, wall = run_mode(mode == "on", args, space, space_path, fingerprint, vocab, described, cache_dir,
+                                   Path(tmp))
+            results[mode] = summarise(study, wall)
+
+    directions = [OBJECTIVES[o][1] for o in space.objectives]
+    baselines = analysis.as_minimised(np.array([r["baseline"] for r in results.values()]), directions)
+    reference = baselines.max(axis=0)  # the worse baseline on each objective
+    hw = fingerprint["hardware"]
+    print(f"\n{space.name}, budget {args.budget}, seed {args.seed}, on {hw['cpu_model']} x{hw['cpu_count']}, "
+          f"{hw['gpu_count']} GPU(s), torch {fingerprint['software']['torch']}\n")
+    print("| early stopping | " + " | ".join(results) + " |\n|---|" + "---:|" * len(results))
+
+    def row(label, fn):
+        print(f"| {label} | " + " | ".join(fn(r) for r in results.values()) + " |")
+
+    row("search wall time", lambda r: f"{r['wall']:.0f} s")
+    row("trials launched (ok / stopped early)", lambda r: f"{r['trials']} ({r['ok']} / {r['pruned']})")
+    row("**inside training steps**", lambda r: f"**{100 * r['training'] / r['wall']:.0f}%** ({r['training']:.0f} s)")
+    for key, label in OTHER:
+        row(label, lambda r, key=key: f"{100 * r[key] / r['wall']:.0f}%")
+    row("between trials (search, exit, record)", lambda r: f"{100 * r['outside'] / r['wall']:.0f}%")
+    row("Pareto configs", lambda r: str(len(r["front"])))
+    row("hypervolume beyond the baseline", lambda r: f"{analysis.hypervolume(analysis.as_minimised(np.array([t.values for t in r['front']]), directions), reference):.1f}"
+        if r["front"] else "0")
+
+
+if __name__ == "__main__":
+    main()
