@@ -74,7 +74,7 @@ def search(
     storage: str = typer.Option("sqlite:///cotune.db", help=STORAGE_HELP),
     sampler: Sampler = typer.Option(DEFAULT_SAMPLER, help="Optuna sampler."),
     objectives: str | None = typer.Option(
-        None, help="Comma-separated: tokens_per_second,val_loss[,peak_memory] (default: the space's)."
+        None, help="Comma-separated: tokens_per_second,val_loss[,peak_memory][,time_to_loss] (default: the space's)."
     ),
     data: str | None = typer.Option(None, help="Training text file or nanoGPT uint16 .bin (default: the space's)."),
     profile: bool = typer.Option(False, help="Add a torch.profiler pass to each trial and store its top ops and trace."),
@@ -114,6 +114,9 @@ def search(
     if data is not None:
         search_space = search_space.model_copy(update={"workload": search_space.workload.model_copy(update={"data": data})})
     objective_names = objective_names or list(search_space.objectives)
+    if "time_to_loss" in objective_names and search_space.loss_target is None and not search_space.baseline:
+        raise UserError(f"{space_path}: the time_to_loss objective needs a target loss; set loss_target: in the "
+                        "space, or give it a baseline: whose validation loss becomes the target")
     world_size = engine.check_hardware(search_space, str(space_path), fingerprint)
     cache_dir = data_mod.default_cache_dir()
     data_info = _prepare_data(search_space.workload, cache_dir)

@@ -15,6 +15,8 @@ LABELS: dict[str, str] = {
     "peak_memory": "peak memory",
     "peak_memory_bytes": "peak memory",
     "mfu": "MFU",
+    "time_to_loss": "time to loss",
+    "time_to_loss_s": "time to loss",
     # knobs, short enough for a table column
     "micro_batch_size": "micro",
     "global_batch_size": "global",
@@ -37,7 +39,8 @@ LABELS: dict[str, str] = {
 TABLE_METRICS = ("tokens_per_second", "val_loss", "peak_memory_bytes", "mfu")
 
 # The tag of each objective's best point on a front (several objectives; a single one is "best").
-BEST_LABELS: dict[str, str] = {"tokens_per_second": "fastest", "val_loss": "lowest loss", "peak_memory": "least memory"}
+BEST_LABELS: dict[str, str] = {"tokens_per_second": "fastest", "val_loss": "lowest loss", "peak_memory": "least memory",
+                               "time_to_loss": "soonest to the target loss"}
 
 
 def label(name: str) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from cotune import __version__, derive, early_stop, hardware, memory
+from cotune import __version__, derive, early_stop, hardware, memory, time_to_loss
 from cotune.config import STATUSES, KernelConfig, TrialConfig, TrialResult, json_safe
 from cotune.early_stop import Halving
 from cotune.errors import UserError
@@ -129,9 +129,40 @@ def create_or_resume_study(
         "data": settings.data,
         "cotune_version": __version__,
     }
+    if settings.space.loss_target is not None:  # otherwise the baseline's loss, once it is measured
+        attrs["loss_target"] = {"value": settings.space.loss_target, "source": "the space's loss_target"}
     for key, value in attrs.items():
         study.set_user_attr(key, value)
     return study
+
+
+def check_loss_target(study: optuna.Study, settings: SearchSettings, baseline_queued: bool) -> None:
+    """The time_to_loss objective needs a target: the space's, or a baseline that ran or is about to."""
+    if "time_to_loss" not in settings.objectives or time_to_loss.target_of(study.user_attrs) is not None:
+        return
+    baseline = next((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("baseline")), None)
+    if baseline is None and not baseline_queued:
+        raise UserError(f"{settings.space_path}: the time_to_loss objective needs a target loss; set loss_target: in "
+                        "the space, or run its baseline: (without --no-baseline) as a new study's first trial")
+    if baseline is not None and baseline.state.is_finished() and baseline.user_attrs.get("status") != "ok":
+        raise UserError(f"{settings.space_path}: the time_to_loss objective has no target: the baseline (trial "
+                        f"{baseline.number}) ended {baseline.user_attrs.get('status')}; set loss_target: in the space")
+
+
+def _time_to_loss(study: optuna.Study, trial: optuna.Trial, result: TrialResult) -> None:
+    """The trial's time to the study's target loss; a baseline that finishes first sets the target."""
+    m = result.metrics
+    if result.status != "ok" or "step_time_mean_s" not in m:
+        return
+    target = time_to_loss.target_of(study.user_attrs)
+    if target is None and trial.user_attrs.get("baseline"):
+        target = float(m["val_loss"])
+        study.set_user_attr("loss_target", {"value": target, "source": f"the baseline's (trial {trial.number})"})
+    if target is None:
+        return  # no target: the objective is missing, and check_loss_target stops the search
+    seconds, steps = time_to_loss.time_to_loss(result.loss_curve, float(m["val_loss"]), float(m["step_time_mean_s"]),
+                                               target)
+    m.update(loss_target=target, time_to_loss_s=seconds, steps_to_loss=steps)
 
 
 def sampler_seed(seed: int | None, trials_held: int) -> int | None:
@@ -275,6 +306,7 @@ def run_search(
     progress = progress_of(study, settings.objectives, Progress(settings.budget, 0))
     cap = settings.infeasible_cap if settings.infeasible_cap is not None else 10 * settings.budget
     while progress.done < settings.budget:
+        check_loss_target(study, settings, baseline_queued=False)
         if progress.infeasible_here >= cap:
             progress.stopped = (
                 f"stopped after {progress.infeasible_here} infeasible configs and {progress.ran_here} launched in this "
@@ -342,6 +374,8 @@ def _ask_run_record(study: optuna.Study, trial: optuna.Trial, settings: SearchSe
         result.metrics["estimated_peak_memory_bytes"] = estimate.total
     if config is not None:
         _study_mfu(study, config, result)
+    if "time_to_loss" in settings.objectives:
+        _time_to_loss(study, trial, result)
     record(study, trial, config, knob_values, result, settings, estimate)
     return result
 

@@ -79,6 +79,8 @@ OBJECTIVES: dict[str, tuple[str, str]] = {
     "tokens_per_second": ("tokens_per_second", "maximize"),
     "val_loss": ("val_loss", "minimize"),
     "peak_memory": ("peak_memory_bytes", "minimize"),
+    # Training seconds to reach the study's target validation loss (cotune.time_to_loss).
+    "time_to_loss": ("time_to_loss_s", "minimize"),
 }
 OBJECTIVE_ALIASES = {"throughput": "tokens_per_second", "loss": "val_loss", "memory": "peak_memory"}
 
@@ -235,6 +237,8 @@ class SearchSpace(_Strict):
     knobs: dict[str, Domain]
     constraints: list[Constraint] = []
     baseline: dict[str, Any] = {}
+    # The validation loss the time_to_loss objective counts the time to; None: the baseline's.
+    loss_target: float | None = Field(default=None, gt=0)
 
     @field_validator("objectives")
     @classmethod

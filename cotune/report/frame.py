@@ -21,6 +21,7 @@ from cotune.study import trial_knobs
 METRIC_COLUMNS = (
     "tokens_per_second", "val_loss", "peak_memory_bytes", "mfu", "step_time_mean_s", "step_time_std_s",
     "flops_per_token", "tokens_trained", "train_steps", "fp16_skipped_steps", "rung_val_loss",
+    "time_to_loss_s",
 )
 # The TrialConfig sections whose values a user tunes (workload and run are fixed per study).
 CONFIG_SECTIONS = ("batch", "parallel", "precision", "optimizer", "software", "kernels")

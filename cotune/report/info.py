@@ -363,5 +363,6 @@ def _run(study: optuna.Study, frame: pd.DataFrame, space: dict[str, Any]) -> dic
         "peak_flops_sources": sorted({s for s in frame["peak_flops_source"] if isinstance(s, str)}),
         "peak_memory_sources": sorted({s for s in frame["peak_memory_source"] if isinstance(s, str)}),
         "cotune_version": study.user_attrs.get("cotune_version"),
+        "loss_target": study.user_attrs.get("loss_target"),
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }

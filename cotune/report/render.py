@@ -77,7 +77,7 @@ def _cards(info: ReportInfo) -> str:
         if o.name in info.extremes:
             n = info.extremes[o.name]
             value = info.frame.at[n, o.metric]
-            shown = {"tokens_per_second": text.tokens, "val_loss": text.loss, "peak_memory": text.mib}[o.name](value)
+            shown = _value(o.name, value)
             cards.append(_card(f"best {o.label}", shown, f"trial {n}"))
     if info.knee is not None:
         k = info.frame.loc[info.knee]
@@ -117,6 +117,13 @@ def _pareto(info: ReportInfo, figs: dict) -> str:
         if any(o.name == "peak_memory" for o in info.objectives):
             parts.append(note("Peak memory is a third objective here: a point can be Pareto-optimal because it "
                               "uses less memory while looking dominated in this throughput–loss view.", "info"))
+        if any(o.name == "time_to_loss" for o in info.objectives):
+            target = info.run.get("loss_target") or {}
+            parts.append(note(
+                f"Time to loss is an objective here: the training seconds to reach validation loss "
+                f"{text.loss(target.get('value'))} ({target.get('source', 'no target recorded')}), from the training "
+                "curve shifted onto the final validation loss and the measured step time; a point can be "
+                "Pareto-optimal because it gets there first while looking dominated in this view.", "info"))
     parts.append(note(info.notes.get("pareto", "")))
     parts.append(figure(figs["pareto"], "fig-pareto", ""))
     parts.append(_noise(info))
@@ -163,7 +170,8 @@ def _why(info: ReportInfo, figs: dict) -> str:
 
 
 def _value(objective: str, value: float) -> str:
-    return {"tokens_per_second": text.tokens, "val_loss": text.loss, "peak_memory": text.mib}[objective](value)
+    return {"tokens_per_second": text.tokens, "val_loss": text.loss, "peak_memory": text.mib,
+            "time_to_loss": text.seconds}[objective](value)
 
 
 def _pick(info: ReportInfo) -> str:

@@ -59,6 +59,8 @@ def seconds(value: Any) -> str:
     if missing(value):
         return "–"
     value = float(value)
+    if math.isinf(value):
+        return "never"
     return f"{value:.1f} s" if value < 120 else f"{int(value // 60)} min {value % 60:02.0f} s"
 
 
