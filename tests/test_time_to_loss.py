@@ -100,3 +100,18 @@ def test_cli_rejects_time_to_loss_without_a_target(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "time_to_loss objective needs a target loss; set loss_target:" in out.stderr
     assert not (tmp_path / "cotune.db").exists()
+
+
+def test_a_target_never_reached_is_the_worst_value_in_the_front_analysis():
+    import numpy as np
+
+    from cotune.report import analysis
+
+    # minimised (-tokens/s, loss, time to loss): the fastest never reaches the target
+    points = np.array([[-100.0, 2.0, np.inf], [-50.0, 1.5, 4.0], [-80.0, 1.8, 3.0]])
+    z = analysis.normalised(points)
+    assert np.isfinite(z).all() and z[0, 2] == 1.0 and z[2, 2] == 0.0
+    assert analysis.knee(points) == 2
+    ideal, reference = analysis.reference_box(points)
+    assert np.isfinite(reference).all() and reference[2] > 4.0
+    assert analysis.hypervolume(points, reference) > 0

@@ -65,7 +65,7 @@ def reference_box(points: np.ndarray, margin: float = 0.1) -> tuple[np.ndarray, 
     count; without it a point at the worst value of any objective adds nothing.
     """
     points = np.asarray(points, dtype=float)
-    ideal, worst = points.min(axis=0), points.max(axis=0)
+    ideal, worst = _finite_bounds(points)  # a time_to_loss never reached (inf) sets no bound
     span = worst - ideal
     # A flat objective (one point, or all equal) gets a margin from its magnitude instead.
     span = np.where(span > 0, span, np.maximum(np.abs(worst), 1.0))
@@ -91,12 +91,22 @@ def hypervolume_history(points: np.ndarray, reference: np.ndarray, ideal: np.nda
     return out
 
 
+def _finite_bounds(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each column's least and greatest finite value (0 and 0 for a column with none)."""
+    finite = np.isfinite(points)
+    low = np.where(finite, points, np.inf).min(axis=0)
+    high = np.where(finite, points, -np.inf).max(axis=0)
+    none = ~finite.any(axis=0)
+    return np.where(none, 0.0, low), np.where(none, 0.0, high)
+
+
 def normalised(points: np.ndarray) -> np.ndarray:
-    """Each column scaled to [0, 1] over these points (0 = best); a flat column is all 0."""
+    """Each column scaled to [0, 1] over these points (0 = best); a flat column is all 0.
+    An infinite value (a target never reached) scales to 1, the worst, as the worst finite one does."""
     points = np.asarray(points, dtype=float)
-    low, high = points.min(axis=0), points.max(axis=0)
+    low, high = _finite_bounds(points)
     span = np.where(high > low, high - low, 1.0)
-    return (points - low) / span
+    return np.clip(np.nan_to_num((points - low) / span, nan=1.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
 
 
 def knee(points: np.ndarray) -> int:
