@@ -143,7 +143,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.slow
 def test_a_real_trial_reports_each_rung_and_a_stopped_one_ends_there(tmp_path, cache):
-    from cotune.runner import launch_trial
+    from cotune.runner import ForkServer, launch_trial
     from cotune.trial.train import rung_steps
     from tests.test_trial import BASE, with_
 
@@ -158,8 +158,9 @@ def test_a_real_trial_reports_each_rung_and_a_stopped_one_ends_there(tmp_path, c
     assert all(0 < r["val_loss"] < 6 and "val_loss" not in r["metrics"] for r in heard)
     assert full.phase_seconds["rung_eval"] > 0
 
-    stopped = launch_trial(config, tmp_path / "stopped", cache_dir=cache,
-                           on_rung=lambda r: "enough" if r["rung"] == 0 else "")
+    with ForkServer(tmp_path / "server.log") as server:  # a warm start, as `cotune search` runs it
+        stopped = launch_trial(config, tmp_path / "stopped", cache_dir=cache, fork_server=server,
+                               on_rung=lambda r: "enough" if r["rung"] == 0 else "")
     assert stopped.status == "pruned" and stopped.reason == "enough"
     assert stopped.metrics["tokens_trained"] == 10 * 512 and stopped.metrics["train_steps"] == 10
     assert stopped.metrics["rung_val_loss"] == pytest.approx(heard[0]["val_loss"], rel=1e-6)  # same seed, same run
