@@ -1,15 +1,15 @@
-"""Where a whole search's wall time goes, and what front it finds, with early stopping off and on.
+"""Where a whole search's wall time goes, and what front it finds, for each engine: every trial whole, early stopping, reuse, both.
 
 Runs the real engine and runner (as `cotune search` does: warm starts, the space's baseline
 as trial 0, a throwaway SQLite study) once per mode with the same seed, then reads each
 study: the search's wall time, the share of it spent inside training steps (the trials'
 warm-up, measured and remaining steps by their phase times), what the rest went to, how
 many trials were stopped early, and the hypervolume of the front each found. The
-hypervolume's reference point is the worse of the two baselines' measured values, so it
+hypervolume's reference point is the worst of the baselines' measured values, so it
 is the volume of configs that beat the baseline on both throughput and loss.
 
-    python benchmarks/search_time.py                      # the default space, budget 50, off then on
-    python benchmarks/search_time.py --budget 20 --modes on
+    python benchmarks/search_time.py                      # the default space, budget 50: plain, then both
+    python benchmarks/search_time.py --modes plain,stop,reuse,both
 """
 
 from __future__ import annotations
@@ -32,13 +32,19 @@ OTHER = [("start_and_import", "process start + import"), ("data", "data"), ("mod
          ("rung_eval", "rung validations"), ("eval", "final validation"), ("peak_flops", "peak FLOP/s lookup")]
 
 
-def run_mode(early: bool, args, space, space_path, fingerprint, vocab, described, cache_dir, folder: Path):
+MODES = {  # name: (early stopping, reuse)
+    "plain": (False, False), "stop": (True, False), "reuse": (False, True), "both": (True, True),
+}
+
+
+def run_mode(mode: str, args, space, space_path, fingerprint, vocab, described, cache_dir, folder: Path):
     """One search; returns its study and wall seconds."""
+    early, reuse = MODES[mode]
     settings = search.SearchSettings(
         space=space, space_path=str(space_path), objectives=list(space.objectives), budget=args.budget,
         fingerprint=fingerprint, vocab_size=vocab, runs_dir=folder / "runs", sampler="tpe", seed=args.seed,
         world_size=search.check_hardware(space, str(space_path), fingerprint), workload=described,
-        cache_dir=cache_dir, early_stopping=Halving() if early else None,
+        cache_dir=cache_dir, early_stopping=Halving() if early else None, factorise=reuse,
     )
     study = search.create_or_resume_study(optuna.storages.RDBStorage(f"sqlite:///{folder}/bench.db"), "bench",
                                           settings)
@@ -49,7 +55,7 @@ def run_mode(early: bool, args, space, space_path, fingerprint, vocab, described
         return runner.launch_trial(config, trial_dir, cache_dir=cache_dir, fork_server=fork_server, on_rung=on_rung)
 
     def done(progress, result):
-        print(f"  {'on ' if early else 'off'} trial {progress.done}/{args.budget}: {result.status}", flush=True)
+        print(f"  {mode} trial {progress.done}/{args.budget}: {result.status}", flush=True)
 
     start = time.perf_counter()
     try:
@@ -69,6 +75,11 @@ def summarise(study: optuna.Study, wall: float) -> dict:
     out["ok"] = sum(t.user_attrs["status"] == "ok" for t in trials)
     out["pruned"] = sum(t.user_attrs["status"] == "pruned" for t in trials)
     out["front"] = [t for t in study.best_trials if t.user_attrs.get("status") == "ok"]
+    measured = [t.user_attrs.get("measured") or {} for t in trials if t.user_attrs["status"] == "ok"]
+    out["reused_tput"] = sum(m.get("throughput", "here") != "here" for m in measured)
+    out["reused_loss"] = sum(m.get("loss", "here") not in ("here", "layout") for m in measured)
+    out["nothing_ran"] = sum(m.get("throughput", "here") != "here" and m.get("loss", "here") not in ("here", "layout")
+                             for m in measured)
     out["baseline"] = next(t.values for t in trials if t.user_attrs.get("baseline") and t.values)
     return out
 
@@ -78,7 +89,9 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--space", type=Path, default=None)
-    parser.add_argument("--modes", default="off,on", help="early stopping off, on, or both (off,on)")
+    parser.add_argument("--modes", default="plain,both",
+                        help="comma-separated: plain (every trial whole), stop (early stopping), reuse (measure only "
+                        "what the study has not), both (the default engine)")
     args = parser.parse_args()
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -94,8 +107,8 @@ def main() -> None:
     results = {}
     for mode in [m.strip() for m in args.modes.split(",")]:
         with tempfile.TemporaryDirectory() as tmp:
-            print(f"early stopping {mode}: {args.budget} trials of {space.name}", flush=True)
-            study, wall = run_mode(mode == "on", args, space, space_path, fingerprint, vocab, described, cache_dir,
+            print(f"{mode}: {args.budget} trials of {space.name}", flush=True)
+            study, wall = run_mode(mode, args, space, space_path, fingerprint, vocab, described, cache_dir,
                                    Path(tmp))
             results[mode] = summarise(study, wall)
 
@@ -105,13 +118,15 @@ def main() -> None:
     hw = fingerprint["hardware"]
     print(f"\n{space.name}, budget {args.budget}, seed {args.seed}, on {hw['cpu_model']} x{hw['cpu_count']}, "
           f"{hw['gpu_count']} GPU(s), torch {fingerprint['software']['torch']}\n")
-    print("| early stopping | " + " | ".join(results) + " |\n|---|" + "---:|" * len(results))
+    print("| engine | " + " | ".join(results) + " |\n|---|" + "---:|" * len(results))
 
     def row(label, fn):
         print(f"| {label} | " + " | ".join(fn(r) for r in results.values()) + " |")
 
     row("search wall time", lambda r: f"{r['wall']:.0f} s")
     row("trials launched (ok / stopped early)", lambda r: f"{r['trials']} ({r['ok']} / {r['pruned']})")
+    row("ok trials that reused a throughput / a loss / ran nothing", lambda r: f"{r['reused_tput']} / {r['reused_loss']} / "
+        f"{r['nothing_ran']}")
     row("**inside training steps**", lambda r: f"**{100 * r['training'] / r['wall']:.0f}%** ({r['training']:.0f} s)")
     for key, label in OTHER:
         row(label, lambda r, key=key: f"{100 * r[key] / r['wall']:.0f}%")

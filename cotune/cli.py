@@ -93,6 +93,10 @@ def search(
                                         help="Stop a trial at 1/9 or 1/3 of its token budget unless it ranks in the "
                                         "top third, by Pareto rank with its loss there, of the trials that got that "
                                         "far (default); it is recorded as pruned, never on the front."),
+    reuse: bool = typer.Option(True, "--reuse/--no-reuse",
+                               help="Measure only what the study has not (default): a config whose throughput or "
+                               "fp32 loss an equivalent trial measured runs only the other part, and a new loss "
+                               "trains on the fastest layout measured for its batch; each reused value names its trial."),
 ) -> None:
     """Run real, measured training trials until the study holds BUDGET of them."""
     _quiet_optuna()
@@ -135,7 +139,7 @@ def search(
         fingerprint=fingerprint, vocab_size=vocab, runs_dir=runs_dir / name, sampler=sampler.value, seed=seed,
         profile=profile, artifacts_dir=Path("cotune-artifacts") / name, allow_mixed_hardware=allow_mixed_hardware,
         world_size=world_size, workload=workload_info, data=_data_attrs(data_info), cache_dir=cache_dir,
-        early_stopping=Halving() if early_stopping else None,
+        early_stopping=Halving() if early_stopping else None, factorise=reuse,
     )
     opt_study = engine.create_or_resume_study(open_storage(storage), name, settings)
     if baseline:

@@ -153,6 +153,9 @@ class RunConfig:
     # Shares of the token budget where the trial also takes a (shorter) validation loss and reports it
     # with its throughput and memory, so the search can stop it early; () reports nothing.
     rung_fractions: tuple[float, ...] = ()
+    # Throughput and memory only: the warm-up and measured steps, then no more training and no validation
+    # (a search that already knows this config's loss from an equivalent one; see cotune.factorise).
+    measure_only: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rung_fractions", tuple(float(f) for f in self.rung_fractions))
@@ -219,7 +222,7 @@ def _from_dict(cls: type, data: Any, where: str) -> Any:
     return cls(**values)
 
 
-_ADDED_LATER = {"rung_fractions"}
+_ADDED_LATER = {"rung_fractions", "measure_only"}
 _SECTIONS: dict[str, type] = {
     "workload": WorkloadConfig,
     "batch": BatchConfig,

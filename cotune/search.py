@@ -22,7 +22,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from cotune import __version__, derive, early_stop, hardware, memory, time_to_loss
+from cotune import __version__, derive, early_stop, factorise, hardware, memory, time_to_loss
 from cotune.config import STATUSES, KernelConfig, TrialConfig, TrialResult, json_safe
 from cotune.early_stop import Halving
 from cotune.errors import UserError
@@ -59,6 +59,7 @@ class SearchSettings:
     # almost all infeasible would spin); None: 10 per budgeted trial.
     infeasible_cap: int | None = None
     early_stopping: Halving | None = None  # stop trials at loss rungs (MO-ASHA); None: every trial runs its budget
+    factorise: bool = False  # run only the throughput or the loss a study has not measured (cotune.factorise)
 
     @property
     def native_precisions(self) -> list[str]:
@@ -359,14 +360,11 @@ def _ask_run_record(study: optuna.Study, trial: optuna.Trial, settings: SearchSe
         if too_big and not reason:
             reason, violation = too_big, estimate.total / capacity - 1.0
     on_start(trial.number, config)
+    measured = None
     if reason:
         result = TrialResult(status="infeasible", reason=reason)
-    elif settings.early_stopping is not None:
-        config = replace(config, run=replace(config.run, rung_fractions=settings.early_stopping.fractions))
-        result = run_fn(config, settings.runs_dir / f"trial-{trial.number:04d}",
-                        on_rung=_rung_listener(study, trial, settings))
     else:
-        result = run_fn(config, settings.runs_dir / f"trial-{trial.number:04d}")
+        config, result, measured = _launch(study, trial, config, settings, run_fn)
     # Feasibility is a constraint the samplers learn from (<= 0: feasible): 1 for a broken rule, the share
     # over capacity for a config the memory model says cannot fit.
     trial.set_constraint("feasible", max(violation, 1e-3) if result.status == "infeasible" else 0.0)
@@ -376,8 +374,44 @@ def _ask_run_record(study: optuna.Study, trial: optuna.Trial, settings: SearchSe
         _study_mfu(study, config, result)
     if "time_to_loss" in settings.objectives:
         _time_to_loss(study, trial, result)
-    record(study, trial, config, knob_values, result, settings, estimate)
+    record(study, trial, config, knob_values, result, settings, estimate, measured)
     return result
+
+
+def _launch(study: optuna.Study, trial: optuna.Trial, config: TrialConfig, settings: SearchSettings,
+            run_fn: RunFn) -> tuple[TrialConfig, TrialResult, dict[str, Any] | None]:
+    """Run what the config needs: all of it, or with ``settings.factorise`` only what the study has not
+    measured (cotune.factorise). Returns the config the values describe, its result, and where each
+    value was measured (None without factorising: all here)."""
+    folder = settings.runs_dir / f"trial-{trial.number:04d}"
+    listener = None
+    if settings.early_stopping is not None:
+        config = replace(config, run=replace(config.run, rung_fractions=settings.early_stopping.fractions))
+        listener = _rung_listener(study, trial, settings)
+    if not settings.factorise:
+        return config, run_fn(config, folder, on_rung=listener) if listener else run_fn(config, folder), None
+    trials = study.get_trials(deepcopy=False)
+    plan = factorise.plan(config, factorise.measured_records(trials))
+    by_number = {t.number: t for t in trials}
+
+    def measured_in(number: int) -> TrialResult:
+        a = by_number[number].user_attrs
+        return TrialResult("ok", metrics=dict(a["metrics"]), loss_curve=list(a["loss_curve"]))
+
+    own = measured_in(plan.throughput_from).metrics if plan.throughput_from is not None else None
+
+    def run(c: TrialConfig) -> TrialResult:
+        if listener is None:
+            return run_fn(c, folder)
+        # A loss trained on another layout is ranked at its rungs with this config's own throughput and memory.
+        hear = listener if own is None else (lambda r: listener(
+            {**r, "metrics": {**r["metrics"], **{k: own[k] for k in factorise.THROUGHPUT_METRICS if k in own}}}))
+        return run_fn(c, folder, on_rung=hear)
+
+    result, measured = factorise.run_planned(plan, run, measured_in)
+    if plan.run is not None and plan.run != config:
+        measured["ran"] = plan.run.to_dict()
+    return config, result, measured
 
 
 def _rung_listener(study: optuna.Study, trial: optuna.Trial, settings: SearchSettings) -> Callable[[dict], str]:
@@ -429,8 +463,10 @@ def record(
     result: TrialResult,
     settings: SearchSettings,
     estimate: memory.MemoryEstimate | None = None,
+    measured: dict[str, Any] | None = None,
 ) -> None:
-    """Store everything about one trial in the study, then tell its values (or FAIL)."""
+    """Store everything about one trial in the study, then tell its values (or FAIL). ``measured`` says
+    which trial measured its throughput and its loss when not all of it ran here (cotune.factorise)."""
     values = None
     if result.status == "ok":
         raw = [result.metrics.get(OBJECTIVES[o][0]) for o in settings.objectives]
@@ -461,6 +497,7 @@ def record(
         "error_tail": result.error_tail[-4000:],
         "reason": result.reason,
         "memory_estimate": estimate.to_dict() if estimate is not None else None,
+        "measured": measured or {"throughput": "here", "loss": "here"},
         "fingerprint": settings.fingerprint,
         "cotune_version": __version__,
     }

@@ -170,11 +170,17 @@ def _run(
 
     run = train(config, trainer, val_tokens, phases, host_memory,
                 on_rung=on_rung if config.run.rung_fractions and progress_path is not None else None)
-    if run.diverged:
+    if run.diverged or config.run.measure_only:
         metrics.update(train_steps=run.steps, tokens_trained=run.steps * config.batch.global_batch_size
                        * config.workload.seq_len)
-        return TrialResult("diverged", metrics=metrics, loss_curve=measure.subsample(run.curve, MAX_CURVE_POINTS),
-                           phase_seconds=phases, reason=run.diverged)
+        curve = measure.subsample(run.curve, MAX_CURVE_POINTS)
+        if run.diverged:
+            return TrialResult("diverged", metrics=metrics, loss_curve=curve, phase_seconds=phases, reason=run.diverged)
+        t = time.perf_counter()  # throughput and memory only: no validation loss to take
+        measured = _measure(config, d, run, flops_per_token, cache_dir, host_memory)
+        phases["peak_flops"] = time.perf_counter() - t
+        measured.pop("val_loss")
+        return TrialResult("ok", metrics={**measured, **metrics}, loss_curve=curve, phase_seconds=phases)
 
     t = time.perf_counter()
     metrics.update(_measure(config, d, run, flops_per_token, cache_dir, host_memory))
@@ -295,18 +301,20 @@ def train(config: TrialConfig, trainer: Trainer, val_tokens: np.ndarray, phases:
     (CPU) takes a checkpoint wherever the losses are read, never between two timed steps.
     After each of :func:`rung_steps` the loss on :func:`rung_eval_tokens` held-out tokens goes
     to ``on_rung(rung_index, run_so_far, rung_loss)`` (outside the timed window, which ends before).
+    With ``run.measure_only`` the steps stop at the window's end (on the budget's learning-rate
+    schedule, so each step costs what it would) and no validation loss is taken.
     """
     run, device = config.run, trainer.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     tokens_per_step = config.batch.global_batch_size * config.workload.seq_len
-    budget_steps = config.budget_steps
+    budget_steps = config.budget_steps  # the schedule's length, also when only the timed window runs
     timed = range(run.warmup_steps, run.warmup_steps + run.measured_steps)
     out = TrainingRun()
     pending: list[torch.Tensor] = []  # this rank's losses not read yet
-    rungs = rung_steps(config) if on_rung is not None else {}
-    for name in ("warmup", "measured", "rest", *(["rung_eval"] if rungs else []), "eval"):
+    rungs = rung_steps(config) if on_rung is not None and not run.measure_only else {}
+    for name in ("warmup", "measured", "rest", *(["rung_eval"] if rungs else []), *([] if run.measure_only else ["eval"])):
         phases[name] = 0.0
-    for step in range(budget_steps):
+    for step in range(timed.stop if run.measure_only else budget_steps):
         t_iter = time.perf_counter()
         lr = learning_rate_at(step, config.optimizer, budget_steps)
         sync()
@@ -335,6 +343,8 @@ def train(config: TrialConfig, trainer: Trainer, val_tokens: np.ndarray, phases:
             loss = trainer.evaluate(val_tokens, rung_eval_tokens(config))
             phases["rung_eval"] += time.perf_counter() - t
             on_rung(rungs[step + 1], out, loss)
+    if run.measure_only:
+        return out
     t = time.perf_counter()
     out.val_loss = trainer.evaluate(val_tokens)
     phases["eval"] = time.perf_counter() - t

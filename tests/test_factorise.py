@@ -1,0 +1,116 @@
+"""Speed and loss apart: the keys, the plan for a proposed config, and a search that reuses what it measured."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from cotune import factorise, search
+from cotune.config import BatchConfig, OptimizerConfig, ParallelConfig, PrecisionConfig, TrialConfig, TrialResult
+from cotune.factorise import loss_key, plan, throughput_key
+from cotune.space import Domain
+from tests.test_search import settings, study_for
+
+BASE = TrialConfig(batch=BatchConfig(micro_batch_size=4, global_batch_size=8, grad_accum_steps=2))
+
+
+def test_throughput_ignores_the_optimizer_and_the_fp32_loss_ignores_the_system():
+    other_lr = replace(BASE, optimizer=OptimizerConfig(learning_rate=5e-3))
+    other_layout = replace(BASE, batch=BatchConfig(micro_batch_size=4, global_batch_size=8, grad_accum_steps=1),
+                           parallel=ParallelConfig(dp=2))
+    assert throughput_key(other_lr) == throughput_key(BASE) != throughput_key(other_layout)
+    assert loss_key(other_layout) == loss_key(BASE) != loss_key(other_lr)
+    assert loss_key(replace(BASE, precision=PrecisionConfig("bf16"))) is None  # rounding differs by layout
+    assert loss_key(replace(BASE, run=replace(BASE.run, seed=7))) != loss_key(BASE)
+
+
+def record(number: int, config: TrialConfig, tps: float, measured=None) -> dict:
+    return factorise.measured_records([type("T", (), {"number": number, "user_attrs": {
+        "status": "ok", "config": config.to_dict(), "metrics": {"tokens_per_second": tps},
+        **({"measured": measured} if measured else {})}})])[0]
+
+
+def test_the_plan_runs_only_what_the_study_has_not_measured():
+    slow = replace(BASE, parallel=ParallelConfig(dp=1), batch=BatchConfig(micro_batch_size=2, global_batch_size=8,
+                                                                          grad_accum_steps=4))
+    new_lr = replace(slow, optimizer=OptimizerConfig(learning_rate=5e-3))
+    assert plan(BASE, []) == factorise.Plan(None, None, BASE)  # nothing known: a whole trial
+    known = [record(0, BASE, 1000.0), record(1, slow, 400.0)]
+    assert plan(slow, known) == factorise.Plan(1, 0, None)  # both measured (the loss by trial 0): nothing runs
+    p = plan(new_lr, known)  # a new loss on a known, slow system: trained on trial 0's faster layout
+    assert (p.throughput_from, p.loss_from, p.loss_layout_from) == (1, None, 0) and not p.measure_only
+    assert p.run.batch == BASE.batch and p.run.optimizer == new_lr.optimizer
+    p = plan(replace(BASE, optimizer=OptimizerConfig(learning_rate=5e-3)), known)  # the fastest's own: as usual
+    assert p == factorise.Plan(None, None, replace(BASE, optimizer=OptimizerConfig(learning_rate=5e-3)))
+    p = plan(replace(slow, batch=BatchConfig(micro_batch_size=8, global_batch_size=8, grad_accum_steps=1)), known)
+    assert (p.throughput_from, p.loss_from) == (None, 0) and p.measure_only  # a new system, a known loss
+    reused = [record(0, BASE, 1000.0, measured={"throughput": "here", "loss": 3})]
+    assert plan(BASE, reused).loss_from is None  # a loss reused from elsewhere is not a source itself
+    bf16 = replace(BASE, precision=PrecisionConfig("bf16"))
+    assert plan(bf16, [record(0, bf16, 900.0)]) == factorise.Plan(None, None, bf16)  # no loss reuse in bf16
+
+
+# ------------------------------------------------------------------ a search
+
+RAN: list[TrialConfig] = []
+
+
+def factorised_trial(config: TrialConfig, trial_dir: Path) -> TrialResult:
+    """Throughput from the system knobs only, loss from the algorithm knobs only: as the gate says of fp32."""
+    RAN.append(config)
+    k = config.flat()
+    tps = 1000.0 * k["micro_batch_size"] / (1.5 if k["activation_checkpointing"] else 1.0) / k["world_size"] ** 0.5
+    metrics = {"tokens_per_second": tps, "step_time_mean_s": 8 * 64 / tps, "peak_memory_bytes": 1e6 * k["micro_batch_size"]}
+    if config.run.measure_only:
+        return TrialResult("ok", metrics=metrics, loss_curve=[[1, 512, 5.0]])
+    loss = 2.0 + (math.log10(k["learning_rate"]) + 2.5) ** 2 + 0.01 * k["global_batch_size"] + 0.001 * config.run.seed
+    return TrialResult("ok", metrics={**metrics, "val_loss": loss}, loss_curve=[[1, 512, 5.0], [2, 1024, loss]])
+
+
+def test_a_factorised_search_records_exactly_what_whole_trials_would_and_runs_less(fingerprint, tmp_path):
+    s = settings(fingerprint, tmp_path, budget=40, factorise=True, sampler="random")
+    # Few values, so systems and algorithms repeat within 40 trials.
+    knobs = {**s.space.knobs, "learning_rate": Domain(choices=[1e-3, 3e-3]), "warmup_fraction": Domain(choices=[0.05]),
+             "weight_decay": Domain(choices=[0.1]), "adam_beta2": Domain(choices=[0.99]),
+             "precision": Domain(choices=["fp32"])}
+    s = settings(fingerprint, tmp_path, budget=40, factorise=True, sampler="random",
+                 space=s.space.model_copy(update={"knobs": knobs}))
+    study = study_for(tmp_path, s)
+    RAN.clear()
+    search.run_search(study, s, factorised_trial)
+    trials = study.get_trials()
+    ran = list(RAN)
+    assert len(trials) == 40
+    for t in trials:
+        whole = factorised_trial(TrialConfig.from_dict(t.user_attrs["config"]), tmp_path)  # what a whole trial gives
+        assert t.values == [whole.metrics["tokens_per_second"], whole.metrics["val_loss"]], t.user_attrs["measured"]
+    measured = [t.user_attrs["measured"] for t in trials]
+    nothing_ran = [m for m in measured if m["throughput"] != "here" and m["loss"] not in ("here", "layout")]
+    measure_only = [c for c in ran if c.run.measure_only]
+    on_faster_layout = [m for m in measured if m["loss"] == "layout"]
+    assert nothing_ran and measure_only and on_faster_layout
+    assert len(ran) == 40 - len(nothing_ran)
+    for m in on_faster_layout:  # trained on the layout of a trial that measured a higher throughput
+        ran = TrialConfig.from_dict(m["ran"])
+        source = study.trials[m["loss_layout_from"]]
+        assert ran.batch == TrialConfig.from_dict(source.user_attrs["config"]).batch
+        assert source.values[0] > study.trials[m["throughput"]].values[0]
+
+
+@pytest.mark.slow
+def test_a_measure_only_trial_runs_the_timed_window_and_takes_no_loss(tmp_path_factory):
+    from cotune.trial.train import train_and_measure
+    from tests.test_trial import BASE as TRIAL, with_
+
+    cache = tmp_path_factory.getbasetemp() / "cotune-builtin-cache"
+    whole = train_and_measure(TRIAL, cache_dir=cache)
+    short = train_and_measure(with_(TRIAL, run={"measure_only": True}), cache_dir=cache)
+    assert short.status == "ok" and "val_loss" not in short.metrics and "eval" not in short.phase_seconds
+    window = TRIAL.run.warmup_steps + TRIAL.run.measured_steps
+    assert short.metrics["train_steps"] == window == len(short.loss_curve) < whole.metrics["train_steps"]
+    # The same steps on the same schedule: the same losses, step for step.
+    assert [p[2] for p in short.loss_curve] == pytest.approx([p[2] for p in whole.loss_curve[:window]], abs=1e-6)
+    assert short.metrics["tokens_per_second"] > 0 and short.metrics["peak_memory_bytes"] > 0
