@@ -10,15 +10,20 @@ asynchronous successive halving"), here with optimistic ties, so a trial on the 
 the ones in the top share is never the one stopped. Fewer than eta trials at a rung stop nothing.
 
 Nothing here runs a trial or imports torch: :func:`stop_reason` is a pure function of rung
-records, and :func:`rung_summary` is what the study keeps of each.
+records, :func:`rung_summary` is what the study keeps of each, and :func:`rung_listener` is
+what a search hands the runner to hear a trial's rungs.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import optuna
+
+from cotune.config import json_safe
 from cotune.space import OBJECTIVES
 
 
@@ -99,3 +104,24 @@ def stop_reason(candidate: dict[str, Any], peers: list[dict[str, Any]], objectiv
         return ""
     return (f"stopped at rung {candidate['rung'] + 1} ({candidate['tokens']:,} tokens): {better} of the {n} trials "
             f"that reached it rank on better Pareto fronts, and only the top {kept} (1/{eta}) go on")
+
+
+def rung_listener(study: optuna.Study, trial: optuna.Trial, objectives: list[str], eta: int) -> Callable[[dict], str]:
+    """What hears a running trial's rungs: it records each in the trial (user attr ``rungs``) and says
+    why to stop the trial there ('' to go on). The baseline is never stopped: it is the reference.
+    (No intermediate values: Optuna's TPE reads them with a single direction, which a study of several
+    objectives has not; it ranks pruned trials after the completed ones all the same.)"""
+    heard: list[dict[str, Any]] = []
+    baseline = bool(trial.user_attrs.get("baseline"))  # an enqueued trial carries its user attrs from the start
+
+    def on_rung(record: dict[str, Any]) -> str:
+        summary = rung_summary(record, objectives)
+        heard.append(summary)
+        trial.set_user_attr("rungs", json_safe(heard))
+        if baseline:
+            return ""
+        peers = [r for t in study.get_trials(deepcopy=False) if t.number != trial.number
+                 for r in t.user_attrs.get("rungs") or [] if r["rung"] == summary["rung"]]
+        return stop_reason(summary, peers, objectives, eta)
+
+    return on_rung

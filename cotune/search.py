@@ -23,7 +23,7 @@ import optuna
 from optuna.trial import TrialState
 
 from cotune import __version__, derive, early_stop, factorise, hardware, memory, time_to_loss
-from cotune.config import STATUSES, KernelConfig, TrialConfig, TrialResult, json_safe
+from cotune.config import STATUSES, KernelConfig, TrialConfig, TrialResult
 from cotune.early_stop import Halving
 from cotune.errors import UserError
 from cotune.samplers import SAMPLERS
@@ -135,35 +135,6 @@ def create_or_resume_study(
     for key, value in attrs.items():
         study.set_user_attr(key, value)
     return study
-
-
-def check_loss_target(study: optuna.Study, settings: SearchSettings, baseline_queued: bool) -> None:
-    """The time_to_loss objective needs a target: the space's, or a baseline that ran or is about to."""
-    if "time_to_loss" not in settings.objectives or time_to_loss.target_of(study.user_attrs) is not None:
-        return
-    baseline = next((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("baseline")), None)
-    if baseline is None and not baseline_queued:
-        raise UserError(f"{settings.space_path}: the time_to_loss objective needs a target loss; set loss_target: in "
-                        "the space, or run its baseline: (without --no-baseline) as a new study's first trial")
-    if baseline is not None and baseline.state.is_finished() and baseline.user_attrs.get("status") != "ok":
-        raise UserError(f"{settings.space_path}: the time_to_loss objective has no target: the baseline (trial "
-                        f"{baseline.number}) ended {baseline.user_attrs.get('status')}; set loss_target: in the space")
-
-
-def _time_to_loss(study: optuna.Study, trial: optuna.Trial, result: TrialResult) -> None:
-    """The trial's time to the study's target loss; a baseline that finishes first sets the target."""
-    m = result.metrics
-    if result.status != "ok" or "step_time_mean_s" not in m:
-        return
-    target = time_to_loss.target_of(study.user_attrs)
-    if target is None and trial.user_attrs.get("baseline"):
-        target = float(m["val_loss"])
-        study.set_user_attr("loss_target", {"value": target, "source": f"the baseline's (trial {trial.number})"})
-    if target is None:
-        return  # no target: the objective is missing, and check_loss_target stops the search
-    seconds, steps = time_to_loss.time_to_loss(result.loss_curve, float(m["val_loss"]), float(m["step_time_mean_s"]),
-                                               target)
-    m.update(loss_target=target, time_to_loss_s=seconds, steps_to_loss=steps)
 
 
 def sampler_seed(seed: int | None, trials_held: int) -> int | None:
@@ -307,7 +278,7 @@ def run_search(
     progress = progress_of(study, settings.objectives, Progress(settings.budget, 0))
     cap = settings.infeasible_cap if settings.infeasible_cap is not None else 10 * settings.budget
     while progress.done < settings.budget:
-        check_loss_target(study, settings, baseline_queued=False)
+        time_to_loss.check_loss_target(study, settings.objectives, settings.space_path)
         if progress.infeasible_here >= cap:
             progress.stopped = (
                 f"stopped after {progress.infeasible_here} infeasible configs and {progress.ran_here} launched in this "
@@ -373,7 +344,7 @@ def _ask_run_record(study: optuna.Study, trial: optuna.Trial, settings: SearchSe
     if config is not None:
         _study_mfu(study, config, result)
     if "time_to_loss" in settings.objectives:
-        _time_to_loss(study, trial, result)
+        time_to_loss.record_time_to_loss(study, trial, result)
     record(study, trial, config, knob_values, result, settings, estimate, measured)
     return result
 
@@ -387,7 +358,7 @@ def _launch(study: optuna.Study, trial: optuna.Trial, config: TrialConfig, setti
     listener = None
     if settings.early_stopping is not None:
         config = replace(config, run=replace(config.run, rung_fractions=settings.early_stopping.fractions))
-        listener = _rung_listener(study, trial, settings)
+        listener = early_stop.rung_listener(study, trial, settings.objectives, settings.early_stopping.eta)
     if not settings.factorise:
         return config, run_fn(config, folder, on_rung=listener) if listener else run_fn(config, folder), None
     trials = study.get_trials(deepcopy=False)
@@ -412,27 +383,6 @@ def _launch(study: optuna.Study, trial: optuna.Trial, config: TrialConfig, setti
     if plan.run is not None and plan.run != config:
         measured["ran"] = plan.run.to_dict()
     return config, result, measured
-
-
-def _rung_listener(study: optuna.Study, trial: optuna.Trial, settings: SearchSettings) -> Callable[[dict], str]:
-    """What hears a running trial's rungs: it records each in the trial (user attr ``rungs``) and says
-    why to stop the trial there ('' to go on). The baseline is never stopped: it is the reference.
-    (No intermediate values: Optuna's TPE reads them with a single direction, which a study of several
-    objectives has not; it ranks pruned trials after the completed ones all the same.)"""
-    heard: list[dict[str, Any]] = []
-    baseline = bool(trial.user_attrs.get("baseline"))  # an enqueued trial carries its user attrs from the start
-
-    def on_rung(record: dict[str, Any]) -> str:
-        summary = early_stop.rung_summary(record, settings.objectives)
-        heard.append(summary)
-        trial.set_user_attr("rungs", json_safe(heard))
-        if baseline:
-            return ""
-        peers = [r for t in study.get_trials(deepcopy=False) if t.number != trial.number
-                 for r in t.user_attrs.get("rungs") or [] if r["rung"] == summary["rung"]]
-        return early_stop.stop_reason(summary, peers, settings.objectives, settings.early_stopping.eta)
-
-    return on_rung
 
 
 def _study_mfu(study: optuna.Study, config: TrialConfig, result: TrialResult) -> None:

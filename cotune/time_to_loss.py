@@ -9,7 +9,7 @@ step time. A config that never reaches the target within its budget takes ``inf`
 
 The target is the space's ``loss_target`` or, without one, the baseline's validation loss
 (trial 0), kept in the study attrs with its source so every trial is measured against the same.
-Nothing here imports torch.
+Nothing here imports torch; the search calls :func:`record_time_to_loss` for each trial it records.
 """
 
 from __future__ import annotations
@@ -18,6 +18,10 @@ import math
 from typing import Any
 
 import numpy as np
+import optuna
+
+from cotune.config import TrialResult
+from cotune.errors import UserError
 
 SMOOTHING_SHARE = 0.05  # the trailing mean covers this share of the curve's points (at least one)
 
@@ -48,3 +52,32 @@ def target_of(study_attrs: dict[str, Any]) -> float | None:
     """The study's target loss, if it has one yet."""
     target = study_attrs.get("loss_target")
     return float(target["value"]) if target else None
+
+
+def check_loss_target(study: optuna.Study, objectives: list[str], space_path: str) -> None:
+    """The time_to_loss objective needs a target: the space's, or a baseline that ran or is queued to."""
+    if "time_to_loss" not in objectives or target_of(study.user_attrs) is not None:
+        return
+    baseline = next((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("baseline")), None)
+    if baseline is None:
+        raise UserError(f"{space_path}: the time_to_loss objective needs a target loss; set loss_target: in "
+                        "the space, or run its baseline: (without --no-baseline) as a new study's first trial")
+    if baseline is not None and baseline.state.is_finished() and baseline.user_attrs.get("status") != "ok":
+        raise UserError(f"{space_path}: the time_to_loss objective has no target: the baseline (trial "
+                        f"{baseline.number}) ended {baseline.user_attrs.get('status')}; set loss_target: in the space")
+
+
+def record_time_to_loss(study: optuna.Study, trial: optuna.Trial, result: TrialResult) -> None:
+    """The trial's time to the study's target loss; a baseline that finishes first sets the target."""
+    m = result.metrics
+    if result.status != "ok" or "step_time_mean_s" not in m:
+        return
+    target = target_of(study.user_attrs)
+    if target is None and trial.user_attrs.get("baseline"):
+        target = float(m["val_loss"])
+        study.set_user_attr("loss_target", {"value": target, "source": f"the baseline's (trial {trial.number})"})
+    if target is None:
+        return  # no target: the objective is missing, and check_loss_target stops the search
+    seconds, steps = time_to_loss(result.loss_curve, float(m["val_loss"]), float(m["step_time_mean_s"]),
+                                               target)
+    m.update(loss_target=target, time_to_loss_s=seconds, steps_to_loss=steps)
