@@ -114,3 +114,30 @@ def test_a_measure_only_trial_runs_the_timed_window_and_takes_no_loss(tmp_path_f
     # The same steps on the same schedule: the same losses, step for step.
     assert [p[2] for p in short.loss_curve] == pytest.approx([p[2] for p in whole.loss_curve[:window]], abs=1e-6)
     assert short.metrics["tokens_per_second"] > 0 and short.metrics["peak_memory_bytes"] > 0
+
+
+def test_the_report_names_where_reused_values_came_from(fingerprint, tmp_path):
+    from cotune.report import report_info
+    from cotune.report.render import render
+    from cotune.report.text import reused
+
+    assert reused({"throughput": "here", "loss": 4}) == ["loss of #4"]
+    assert reused({"throughput": 2, "loss": "layout", "loss_layout_from": 7}) == [
+        "throughput of #2", "loss trained on #7's layout"]
+    assert reused({"throughput": "here", "loss": "here"}) == reused(None) == []
+    knobs = {"learning_rate": Domain(choices=[1e-3]), "precision": Domain(choices=["fp32"]),
+             "warmup_fraction": Domain(choices=[0.05]), "weight_decay": Domain(choices=[0.1]),
+             "adam_beta2": Domain(choices=[0.99])}
+    base = settings(fingerprint, tmp_path)
+    s = settings(fingerprint, tmp_path, budget=12, factorise=True, sampler="random",
+                 space=base.space.model_copy(update={"knobs": {**base.space.knobs, **knobs}}))
+    study = study_for(tmp_path, s)
+    search.run_search(study, s, factorised_trial)
+    info = report_info(study)
+    html = render(info)
+    reusing = [n for n, m in info.ok["measured"].items() if reused(m)]
+    assert reusing and f"{len(reusing)} of the {len(info.ok)} ok trials took a value another trial measured" in html
+    picks = html[html.index('id="picks"'):]
+    picks = picks[:picks.index("</table>")]
+    for n in info.picks.index:
+        assert all(w.replace("'", "&#x27;") in picks for w in reused(info.frame.at[n, "measured"]))

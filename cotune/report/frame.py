@@ -50,7 +50,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     ``METRIC_COLUMNS`` (floats, NaN when not recorded), ``knobs`` (the sampled knob
     values, as recorded), ``effective`` (the knob values the trial ran, after derivation, e.g.
     ``grad_accum_steps``: ``cotune.study.trial_knobs``), ``config``, ``loss_curve``, ``phase_seconds``,
-    ``profile_top_ops``, ``kernel_timings``, ``reason``, ``error_tail``, ``hardware_id``, ``started``,
+    ``profile_top_ops``, ``kernel_timings``, ``measured``, ``reason``, ``error_tail``, ``hardware_id``, ``started``,
     ``duration_s``, ``peak_flops_source``, ``peak_memory_source``.
     """
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
@@ -78,6 +78,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             phase_seconds=dict(a.get("phase_seconds") or {}),
             profile_top_ops=list(a.get("profile_top_ops") or []),
             kernel_timings=list(a.get("kernel_timings") or []),
+            # Where its throughput and its loss were measured, when not all in its own run (cotune.factorise).
+            measured=dict(a.get("measured") or {}),
             reason=str(a.get("reason") or ""),
             error_tail=str(a.get("error_tail") or ""),
             hardware_id=(a.get("fingerprint") or {}).get("hardware_id"),
@@ -88,7 +90,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         )
         records.append(record)
     columns = ["number", "status", "ok", *METRIC_COLUMNS, "knobs", "effective", "config", "loss_curve",
-               "phase_seconds", "profile_top_ops", "kernel_timings", "reason", "error_tail", "hardware_id", "peak_flops_source",
+               "phase_seconds", "profile_top_ops", "kernel_timings", "measured", "reason", "error_tail", "hardware_id", "peak_flops_source",
                "peak_memory_source", "started", "duration_s"]
     frame = pd.DataFrame.from_records(records, columns=columns)
     return frame.set_index("number", drop=False)

@@ -192,6 +192,12 @@ def _pick(info: ReportInfo) -> str:
     parts.append(f"<p>One row per distinct Pareto-optimal config ({len(info.picks)}), fastest first. Click a "
                  "header to sort. The knee row is highlighted.</p>" if len(info.objectives) > 1 else
                  "<p>The best config of this single-objective study.</p>")
+    reusing = [n for n, m in info.ok["measured"].items() if text.reused(m)]
+    if reusing:
+        parts.append(f"<p>{len(reusing)} of the {len(info.ok)} ok trials took a value another trial measured: a "
+                     "throughput measured on the same system knobs, batch, precision and kernels, or an fp32 loss "
+                     "trained with the same batch, optimizer settings, kernels and seed on a layout the equivalence "
+                     "gate holds to the same loss. A pill names the trial each came from.</p>")
     measured = info.baseline_trial is not None  # without a measured baseline there is no speedup to show
     headers = ["trial", "", *(label(m) for m in TABLE_METRICS),
                *(["speedup vs baseline", "Δ loss vs baseline"] if measured else []), "changed from baseline"]
@@ -200,6 +206,7 @@ def _pick(info: ReportInfo) -> str:
         tags = "".join(f'<span class="pill{" knee" if t == "knee" else ""}">{e(t)}</span>' for t in p["tags"])
         if p["repeats"] > 1:
             tags += f'<span class="pill zero">{int(p["repeats"])} trials</span>'
+        tags += "".join(f'<span class="pill zero">{e(w)}</span>' for w in text.reused(info.frame.at[n, "measured"]))
         changed = " ".join(f'<span class="chg">{e(text.change(k, b, v))}</span>' for k, b, v in p["differs"])
         versus = [cell(text.ratio(p["speedup"]), p["speedup"], numeric=True),
                   cell(text.signed(p["loss_delta"]), p["loss_delta"], numeric=True)] if measured else []

@@ -80,3 +80,17 @@ def config_lines(config: dict[str, Any] | None, knobs: dict[str, Any]) -> list[s
         return [", ".join(f"{knob(k)}={fmt(v)}" for k, v in knobs.items())] if knobs else []
     return [f"{section}: " + ", ".join(f"{k}={fmt(v)}" for k, v in values.items())
             for section, values in sections.items()]
+
+
+def reused(measured: Any) -> list[str]:
+    """Where a trial's values came from, when not all from its own run: ["loss of #4", "throughput of #2"]."""
+    if not isinstance(measured, dict):
+        return []
+    words = []
+    for what in ("throughput", "loss"):
+        source = measured.get(what, "here")
+        if source == "layout":
+            words.append(f"loss trained on #{measured.get('loss_layout_from')}'s layout")
+        elif source != "here":
+            words.append(f"{what} of #{source}")
+    return words
