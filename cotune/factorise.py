@@ -14,9 +14,9 @@ So for a proposed config a search can often run less than a whole trial (:func:`
 - its throughput was measured on a config with the same :func:`throughput_key`, and its loss
   on one with the same :func:`loss_key`: nothing runs; both values are the other trials';
 - only the throughput is new: the trial runs the warm-up and measured steps only;
-- only the loss is new: it is trained on the fastest layout the study measured for that
-  global batch, precision and kernels (if that is not this config's own), and this config's
-  throughput is the one measured before;
+- only the loss is new: it is trained on the layout whose whole trial took the least wall
+  time for that global batch, precision and kernels (if that is not this config's own), and
+  this config's throughput is the one measured before;
 - both are new: the trial runs as usual.
 
 Every reused value names the trial it came from (``measured`` in the trial's user attrs).
@@ -87,26 +87,26 @@ class Plan:
 
 
 def plan(config: TrialConfig, trials: list[dict[str, Any]]) -> Plan:
-    """How to get ``config``'s values, given the study's ``trials`` as (number, status, config dict, metrics,
-    measured) records (:func:`measured_records`)."""
+    """How to get ``config``'s values, given the study's ok trials as :func:`measured_records` gives them."""
     t_key, l_key = throughput_key(config), loss_key(config)
-    tput = next((t for t in trials if t["throughput_key"] == t_key and t["measured"].get("throughput") == "here"),
-                None)
+    sources = [t for t in trials if t["throughput_key"] == t_key and t["measured"].get("throughput") == "here"]
+    tput = next((t for t in sources if t["whole_s"] is not None), sources[0] if sources else None)  # a whole run first
     loss = next((t for t in trials if l_key is not None and t["loss_key"] == l_key
                  and t["measured"].get("loss") in ("here", "layout")), None) if l_key else None
     if tput is not None and loss is not None:
         return Plan(tput["number"], loss["number"], None)
     if loss is not None:  # a new system: its throughput only
         return Plan(None, loss["number"], replace(config, run=replace(config.run, measure_only=True)))
-    if tput is not None and l_key is not None:
-        # A new loss on a known system: train it on the fastest layout measured for the same global batch,
-        # precision and kernels, when that is faster than this config's own.
+    if tput is not None and l_key is not None and tput["whole_s"] is not None:
+        # A new loss on a known system: train it on the layout whose whole trial took least wall time for the
+        # same global batch, precision and kernels (the same steps), when that is quicker than this config's
+        # own. Wall time, not throughput: a faster layout on more processes can cost more to start than it saves.
         same = _same_batch_precision_kernels(config)
-        fastest = max((t for t in trials if t["measured"].get("throughput") == "here" and t["same"] == same),
-                      key=lambda t: t["tokens_per_second"], default=None)
-        if fastest is not None and fastest["tokens_per_second"] > tput["tokens_per_second"]:
-            faster = system_of(TrialConfig.from_dict(fastest["config"]), config)
-            return Plan(tput["number"], None, faster, loss_layout_from=fastest["number"])
+        quickest = min((t for t in trials if t["same"] == same and t["whole_s"] is not None),
+                       key=lambda t: t["whole_s"], default=None)
+        if quickest is not None and quickest["whole_s"] < tput["whole_s"]:
+            faster = system_of(TrialConfig.from_dict(quickest["config"]), config)
+            return Plan(tput["number"], None, faster, loss_layout_from=quickest["number"])
     return Plan(None, None, config)
 
 
@@ -124,11 +124,14 @@ def measured_records(trials: list[Any]) -> list[dict[str, Any]]:
         if a.get("status") != "ok" or not a.get("config"):
             continue
         config = TrialConfig.from_dict(a["config"])
+        measured = a.get("measured") or {"throughput": "here", "loss": "here"}
+        whole = measured.get("throughput") == "here" and measured.get("loss") == "here"
         out.append({
             "number": t.number, "config": a["config"], "throughput_key": throughput_key(config),
             "loss_key": loss_key(config), "same": _same_batch_precision_kernels(config),
-            "tokens_per_second": float(a["metrics"]["tokens_per_second"]),
-            "measured": a.get("measured") or {"throughput": "here", "loss": "here"},
+            "tokens_per_second": float(a["metrics"]["tokens_per_second"]), "measured": measured,
+            # The wall time of a whole trial of its own config (None when its run was not one).
+            "whole_s": float((a.get("phase_seconds") or {}).get("process_wall", 0.0)) or None if whole else None,
         })
     return out
 

@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from cotune import factorise, search
-from cotune.config import BatchConfig, OptimizerConfig, ParallelConfig, PrecisionConfig, TrialConfig, TrialResult
+from cotune.config import (
+    BatchConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    PrecisionConfig,
+    TrialConfig,
+    TrialResult,
+)
 from cotune.factorise import loss_key, plan, throughput_key
 from cotune.space import Domain
 from tests.test_search import settings, study_for
@@ -28,9 +35,10 @@ def test_throughput_ignores_the_optimizer_and_the_fp32_loss_ignores_the_system()
 
 
 def record(number: int, config: TrialConfig, tps: float, measured=None) -> dict:
+    """A study's ok trial as the plan reads it; its whole run took 10000 / tps seconds."""
     return factorise.measured_records([type("T", (), {"number": number, "user_attrs": {
         "status": "ok", "config": config.to_dict(), "metrics": {"tokens_per_second": tps},
-        **({"measured": measured} if measured else {})}})])[0]
+        "phase_seconds": {"process_wall": 10000 / tps}, **({"measured": measured} if measured else {})}})])[0]
 
 
 def test_the_plan_runs_only_what_the_study_has_not_measured():
@@ -40,7 +48,7 @@ def test_the_plan_runs_only_what_the_study_has_not_measured():
     assert plan(BASE, []) == factorise.Plan(None, None, BASE)  # nothing known: a whole trial
     known = [record(0, BASE, 1000.0), record(1, slow, 400.0)]
     assert plan(slow, known) == factorise.Plan(1, 0, None)  # both measured (the loss by trial 0): nothing runs
-    p = plan(new_lr, known)  # a new loss on a known, slow system: trained on trial 0's faster layout
+    p = plan(new_lr, known)  # a new loss on a known, slow system: trained on trial 0's quicker layout
     assert (p.throughput_from, p.loss_from, p.loss_layout_from) == (1, None, 0) and not p.measure_only
     assert p.run.batch == BASE.batch and p.run.optimizer == new_lr.optimizer
     p = plan(replace(BASE, optimizer=OptimizerConfig(learning_rate=5e-3)), known)  # the fastest's own: as usual
@@ -49,6 +57,12 @@ def test_the_plan_runs_only_what_the_study_has_not_measured():
     assert (p.throughput_from, p.loss_from) == (None, 0) and p.measure_only  # a new system, a known loss
     reused = [record(0, BASE, 1000.0, measured={"throughput": "here", "loss": 3})]
     assert plan(BASE, reused).loss_from is None  # a loss reused from elsewhere is not a source itself
+    # A measure-only run's wall time is no whole trial's: its layout is never picked to train a loss on.
+    short = [record(0, BASE, 1000.0, measured={"throughput": "here", "loss": 5}), record(1, slow, 400.0)]
+    assert plan(new_lr, short) == factorise.Plan(None, None, new_lr)
+    # Quicker per token but slower to run whole (more processes to start): not picked.
+    two = [{**record(0, BASE, 1000.0), "whole_s": 30.0}, record(1, slow, 400.0)]
+    assert plan(new_lr, two) == factorise.Plan(None, None, new_lr)
     bf16 = replace(BASE, precision=PrecisionConfig("bf16"))
     assert plan(bf16, [record(0, bf16, 900.0)]) == factorise.Plan(None, None, bf16)  # no loss reuse in bf16
 
@@ -64,16 +78,21 @@ def factorised_trial(config: TrialConfig, trial_dir: Path) -> TrialResult:
     k = config.flat()
     tps = 1000.0 * k["micro_batch_size"] / (1.5 if k["activation_checkpointing"] else 1.0) / k["world_size"] ** 0.5
     metrics = {"tokens_per_second": tps, "step_time_mean_s": 8 * 64 / tps, "peak_memory_bytes": 1e6 * k["micro_batch_size"]}
+    wall = {"process_wall": 2.0 + 20 * 512 / tps}  # a start, then the steps
     if config.run.measure_only:
-        return TrialResult("ok", metrics=metrics, loss_curve=[[1, 512, 5.0]])
+        return TrialResult("ok", metrics=metrics, loss_curve=[[1, 512, 5.0]], phase_seconds=wall)
     loss = 2.0 + (math.log10(k["learning_rate"]) + 2.5) ** 2 + 0.01 * k["global_batch_size"] + 0.001 * config.run.seed
-    return TrialResult("ok", metrics={**metrics, "val_loss": loss}, loss_curve=[[1, 512, 5.0], [2, 1024, loss]])
+    wall["process_wall"] += 100 * 512 / tps  # the rest of the budget
+    return TrialResult("ok", metrics={**metrics, "val_loss": loss}, loss_curve=[[1, 512, 5.0], [2, 1024, loss]],
+                       phase_seconds=wall)
 
 
 def test_a_factorised_search_records_exactly_what_whole_trials_would_and_runs_less(fingerprint, tmp_path):
     s = settings(fingerprint, tmp_path, budget=40, factorise=True, sampler="random")
-    # Few values, so systems and algorithms repeat within 40 trials.
-    knobs = {**s.space.knobs, "learning_rate": Domain(choices=[1e-3, 3e-3]), "warmup_fraction": Domain(choices=[0.05]),
+    # Few systems and some repeated algorithms, so every case of the plan comes up within 40 trials.
+    knobs = {**s.space.knobs, "learning_rate": Domain(choices=[1e-3 * (1 + i) for i in range(30)]),
+             "global_batch_size": Domain(choices=[8, 16]), "micro_batch_size": Domain(choices=[4, 8]),
+             "activation_checkpointing": Domain(choices=[False]), "warmup_fraction": Domain(choices=[0.05]),
              "weight_decay": Domain(choices=[0.1]), "adam_beta2": Domain(choices=[0.99]),
              "precision": Domain(choices=["fp32"])}
     s = settings(fingerprint, tmp_path, budget=40, factorise=True, sampler="random",
@@ -93,17 +112,19 @@ def test_a_factorised_search_records_exactly_what_whole_trials_would_and_runs_le
     on_faster_layout = [m for m in measured if m["loss"] == "layout"]
     assert nothing_ran and measure_only and on_faster_layout
     assert len(ran) == 40 - len(nothing_ran)
-    for m in on_faster_layout:  # trained on the layout of a trial that measured a higher throughput
+    for m in on_faster_layout:  # trained on the layout of a trial whose whole run took less wall time
         ran = TrialConfig.from_dict(m["ran"])
         source = study.trials[m["loss_layout_from"]]
         assert ran.batch == TrialConfig.from_dict(source.user_attrs["config"]).batch
-        assert source.values[0] > study.trials[m["throughput"]].values[0]
+        wall = [study.trials[n].user_attrs["phase_seconds"]["process_wall"] for n in (m["loss_layout_from"], m["throughput"])]
+        assert wall[0] < wall[1]
 
 
 @pytest.mark.slow
 def test_a_measure_only_trial_runs_the_timed_window_and_takes_no_loss(tmp_path_factory):
     from cotune.trial.train import train_and_measure
-    from tests.test_trial import BASE as TRIAL, with_
+    from tests.test_trial import BASE as TRIAL
+    from tests.test_trial import with_
 
     cache = tmp_path_factory.getbasetemp() / "cotune-builtin-cache"
     whole = train_and_measure(TRIAL, cache_dir=cache)
