@@ -162,3 +162,26 @@ def test_the_report_names_where_reused_values_came_from(fingerprint, tmp_path):
     picks = picks[:picks.index("</table>")]
     for n in info.picks.index:
         assert all(w.replace("'", "&#x27;") in picks for w in reused(info.frame.at[n, "measured"]))
+
+
+def test_carrying_out_a_plan_composes_values_and_keeps_a_stopped_loss_run_on_its_own_throughput():
+    tput = TrialResult("ok", metrics={"tokens_per_second": 500.0, "peak_memory_bytes": 7, "val_loss": 9.0},
+                       loss_curve=[[1, 64, 9.5]])
+    loss = TrialResult("ok", metrics={"tokens_per_second": 900.0, "val_loss": 2.5, "train_steps": 40},
+                       loss_curve=[[1, 64, 4.0], [40, 2560, 2.6]])
+    recorded = {3: tput, 4: loss}.__getitem__
+    ran: list[TrialConfig] = []
+
+    def run(config):
+        ran.append(config)
+        return TrialResult("pruned", metrics={"tokens_per_second": 900.0, "rung_val_loss": 3.0}, reason="stopped")
+
+    result, where = factorise.run_planned(factorise.Plan(3, 4, None), run, recorded)  # nothing runs
+    assert not ran and where == {"throughput": 3, "loss": 4} and result.status == "ok"
+    assert result.metrics == {"tokens_per_second": 500.0, "peak_memory_bytes": 7, "val_loss": 2.5, "train_steps": 40}
+    assert result.loss_curve == loss.loss_curve
+    # A loss run on trial 4's quicker layout, stopped at a rung: it keeps this config's throughput and memory.
+    result, where = factorise.run_planned(factorise.Plan(3, None, BASE, loss_layout_from=4), run, recorded)
+    assert ran == [BASE] and result.status == "pruned" and result.metrics["tokens_per_second"] == 500.0
+    assert result.metrics["peak_memory_bytes"] == 7 and result.metrics["rung_val_loss"] == 3.0
+    assert where == {"throughput": 3, "loss": "layout", "loss_layout_from": 4}
