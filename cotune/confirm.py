@@ -31,12 +31,12 @@ from typing import Any
 
 import optuna
 
-from cotune import __version__
+from cotune import __version__, time_to_loss
 from cotune.config import TrialConfig, TrialResult
 from cotune.study import distinct_configs, pareto_trials
 
 KEY_PREFIX = "confirm:"
-METRICS = ("tokens_per_second", "val_loss", "peak_memory_bytes")
+METRICS = ("tokens_per_second", "val_loss", "peak_memory_bytes", "time_to_loss_s")  # the last: with a loss target
 DEFAULT_REPEATS = 3
 SEED_STRIDE = 1000  # rerun k trains with seed original + SEED_STRIDE * k: never the original's seed
 LEVEL = 0.95
@@ -264,6 +264,11 @@ def confirm_study(
         on_start(rerun)
         started = time.monotonic()
         result = run_fn(config, folder)
+        target = time_to_loss.target_of(study.user_attrs)  # the study's, so reruns count to the same loss
+        if target is not None and result.status == "ok" and "step_time_mean_s" in result.metrics:
+            result.metrics["time_to_loss_s"] = time_to_loss.time_to_loss(
+                result.loss_curve, float(result.metrics["val_loss"]), float(result.metrics["step_time_mean_s"]),
+                target)[0]
         run = {"k": rerun.k, "seed": rerun.seed, "status": result.status, "reason": _reason(result),
                "folder": str(folder), "seconds": round(time.monotonic() - started, 2),
                **{m: _finite(result.metrics.get(m)) if result.status == "ok" else None for m in METRICS}}

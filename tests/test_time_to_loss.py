@@ -115,3 +115,19 @@ def test_a_target_never_reached_is_the_worst_value_in_the_front_analysis():
     ideal, reference = analysis.reference_box(points)
     assert np.isfinite(reference).all() and reference[2] > 4.0
     assert analysis.hypervolume(points, reference) > 0
+
+
+def test_confirmation_reruns_count_their_time_to_the_studys_target(fingerprint, tmp_path):
+    from cotune import confirm
+
+    s = settings(fingerprint, tmp_path, budget=6, objectives=OBJ)
+    study = study_for(tmp_path, s)
+    search.enqueue_baseline(study, s)
+    search.run_search(study, s, timed_trial)
+    confirm.confirm_study(study, timed_trial, tmp_path / "runs", repeats=2)
+    entries = confirm.confirmations(study)
+    assert entries and 0 in entries
+    base = study.trials[0].user_attrs["metrics"]
+    for run in entries[0]["runs"]:  # the baseline's reruns train the same curve: the same time as the original
+        assert run["time_to_loss_s"] == pytest.approx(float(base["time_to_loss_s"]))
+    assert entries[0]["summary"]["time_to_loss_s"]["n"] == 2
