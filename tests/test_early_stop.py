@@ -147,12 +147,13 @@ def test_a_real_trial_reports_each_rung_and_a_stopped_one_ends_there(tmp_path, c
     from cotune.trial.train import rung_steps
     from tests.test_trial import BASE, with_
 
-    config = with_(BASE, run={"rung_fractions": (1 / 4, 1 / 2)})  # 40 steps: rungs after steps 10 and 20
-    assert rung_steps(config) == {10: 0, 20: 1}
+    # 200 steps, rungs after steps 25 and 100: the 175 steps after the first outlast the runner's half-second look.
+    config = with_(BASE, run={"rung_fractions": (1 / 8, 1 / 2), "token_budget": 8 * 64 * 200})
+    assert rung_steps(config) == {25: 0, 100: 1}
     heard: list[dict] = []
     full = launch_trial(config, tmp_path / "full", cache_dir=cache, on_rung=lambda r: heard.append(r) or "")
     assert full.status == "ok", full.reason + full.error_tail
-    assert [(r["rung"], r["step"], r["tokens"]) for r in heard] == [(0, 10, 10 * 512), (1, 20, 20 * 512)]
+    assert [(r["rung"], r["step"], r["tokens"]) for r in heard] == [(0, 25, 25 * 512), (1, 100, 100 * 512)]
     # The timed window ended before the first rung: the rung's throughput is the trial's.
     assert all(r["metrics"]["tokens_per_second"] == full.metrics["tokens_per_second"] for r in heard)
     assert all(0 < r["val_loss"] < 6 and "val_loss" not in r["metrics"] for r in heard)
@@ -162,9 +163,9 @@ def test_a_real_trial_reports_each_rung_and_a_stopped_one_ends_there(tmp_path, c
         stopped = launch_trial(config, tmp_path / "stopped", cache_dir=cache, fork_server=server,
                                on_rung=lambda r: "enough" if r["rung"] == 0 else "")
     assert stopped.status == "pruned" and stopped.reason == "enough"
-    assert stopped.metrics["tokens_trained"] == 10 * 512 and stopped.metrics["train_steps"] == 10
+    assert stopped.metrics["tokens_trained"] == 25 * 512 and stopped.metrics["train_steps"] == 25
     assert stopped.metrics["rung_val_loss"] == pytest.approx(heard[0]["val_loss"], rel=1e-6)  # same seed, same run
-    assert stopped.loss_curve[-1][0] == 10 and stopped.phase_seconds["rung_eval"] > 0
+    assert stopped.loss_curve[-1][0] == 25 and stopped.phase_seconds["rung_eval"] > 0
     assert not (tmp_path / "stopped" / "result.json").exists()  # killed at the rung, before it finished
 
 
