@@ -85,7 +85,10 @@ class Table:
         names = sorted({k for r in rows for k in r["knobs"]})
         self.numeric = {k for k in names if all(isinstance(r["knobs"].get(k), (int, float))
                                                 and not isinstance(r["knobs"].get(k), bool) for r in rows)}
-        self.span = {k: _span([r["knobs"][k] for r in rows]) for k in self.numeric}
+        values = {k: [float(r["knobs"][k]) for r in rows] for k in self.numeric}
+        # A knob spanning a decade or more (the learning rate) is compared on a log scale, the others linearly.
+        self.log = {k for k, v in values.items() if min(v) > 0 and max(v) >= 10 * min(v)}
+        self.span = {k: (max(map(self._scale(k), v)) - min(map(self._scale(k), v))) or 1.0 for k, v in values.items()}
         self.names = names
         ok = [r for r in rows if r["status"] == "ok"]
         points = np.array([[r["metrics"]["tokens_per_second"], r["metrics"]["val_loss"]] for r in ok])
@@ -97,24 +100,19 @@ class Table:
         row = self.exact.get(json.dumps(knobs, sort_keys=True))
         return row if row is not None else min(self.rows, key=lambda r: self._distance(knobs, r["knobs"]))
 
+    def _scale(self, knob: str):
+        return (lambda v: math.log(float(v))) if knob in self.log else float
+
     def _distance(self, a: dict[str, Any], b: dict[str, Any]) -> float:
         d = 0.0
         for k in self.names:
             x, y = a.get(k), b.get(k)
             if k in self.numeric and isinstance(x, (int, float)):
-                d += abs(_scale(x) - _scale(y)) / self.span[k]
+                scale = self._scale(k)
+                d += abs(scale(x) - scale(y)) / self.span[k]
             else:
                 d += x != y
         return d
-
-
-def _scale(v: float) -> float:
-    return math.log(v) if v > 0 else 0.0
-
-
-def _span(values: list[float]) -> float:
-    scaled = [_scale(v) for v in values]
-    return (max(scaled) - min(scaled)) or 1.0
 
 
 def load_table(path: Path) -> Table:
