@@ -64,3 +64,16 @@ def test_tpe_told_constraints_proposes_fewer_infeasible_configs_than_told_fail(t
     assert len(constraint["shares"]) == len(fail["shares"]) == 4
     assert constraint["infeasible_share_after_startup"] < fail["infeasible_share_after_startup"]
     assert constraint["launched"] > fail["launched"]
+
+
+@pytest.mark.slow
+def test_replayed_on_the_shipped_table_cotune_reaches_the_front_sooner_than_optunas_tpe(tmp_path):
+    """The replay benchmark on the recorded table (few seeds): cotune's engine needs less simulated
+    wall-clock than Optuna's default TPE to reach 95% of the table's hypervolume."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "search_efficiency.py"), "--seeds", "3",
+                          "--engines", "cotune,tpe", "--svg", "", "--json", str(tmp_path / "r.json")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    medians = json.loads((tmp_path / "r.json").read_text())
+    assert medians["cotune"]["reached"] >= 2, medians
+    assert float(medians["cotune"]["seconds"]) < float(medians["tpe"]["seconds"]), medians
