@@ -61,9 +61,9 @@ class Engine:
 
 ENGINES = {
     "cotune": Engine("cotune", stop=True, reuse=True),
-    "cotune, no early stopping": Engine("cotune", reuse=True),
-    "cotune, no reuse": Engine("cotune", stop=True),
-    "cotune, cold starts": Engine("cotune", stop=True, reuse=True, warm=False),
+    "cotune without early stopping": Engine("cotune", reuse=True),
+    "cotune without reuse": Engine("cotune", stop=True),
+    "cotune with cold starts": Engine("cotune", stop=True, reuse=True, warm=False),
     "cotune's TPE alone": Engine("cotune"),
     "tpe": Engine("tpe"),
     "nsga2": Engine("nsga2"),
