@@ -96,7 +96,8 @@ def search(
     reuse: bool = typer.Option(True, "--reuse/--no-reuse",
                                help="Measure only what the study has not (default): a config whose throughput or "
                                "fp32 loss an equivalent trial measured runs only the other part, and a new loss "
-                               "trains on the fastest layout measured for its batch; each reused value names its trial."),
+                               "trains on the layout whose whole trial was quickest for its batch; each reused value "
+                               "names its trial."),
 ) -> None:
     """Run real, measured training trials until the study holds BUDGET of them."""
     _quiet_optuna()

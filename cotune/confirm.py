@@ -265,10 +265,9 @@ def confirm_study(
         started = time.monotonic()
         result = run_fn(config, folder)
         target = time_to_loss.target_of(study.user_attrs)  # the study's, so reruns count to the same loss
-        if target is not None and result.status == "ok" and "step_time_mean_s" in result.metrics:
-            result.metrics["time_to_loss_s"] = time_to_loss.time_to_loss(
-                result.loss_curve, float(result.metrics["val_loss"]), float(result.metrics["step_time_mean_s"]),
-                target)[0]
+        reached = time_to_loss.of_result(result, target) if target is not None else None
+        if reached is not None:
+            result.metrics["time_to_loss_s"] = reached[0]
         run = {"k": rerun.k, "seed": rerun.seed, "status": result.status, "reason": _reason(result),
                "folder": str(folder), "seconds": round(time.monotonic() - started, 2),
                **{m: _finite(result.metrics.get(m)) if result.status == "ok" else None for m in METRICS}}

@@ -1,4 +1,4 @@
-"""Speed and loss apart: reuse what a study measured, and train new losses on the fastest layout.
+"""Speed and loss apart: reuse what a study measured, and train new losses on the quickest layout.
 
 Throughput and memory depend on the system knobs (parallel layout, micro batch, checkpointing,
 compile, Triton tiles, the pipeline's schedule) together with the global batch, the precision
@@ -158,8 +158,13 @@ def run_planned(p: Plan, run: Callable[[TrialConfig], TrialResult],
     if result.status == "ok":
         return compose(tput, result, result.phase_seconds), where
     # Stopped or failed where its loss was trained: the throughput it is recorded with is still its own.
-    result.metrics.update({k: tput.metrics[k] for k in THROUGHPUT_METRICS if k in tput.metrics})
+    result.metrics = with_throughput(result.metrics, tput.metrics)
     return result, where
+
+
+def with_throughput(metrics: dict[str, Any], measured: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` with the throughput and memory of ``measured`` (another run of the same system knobs)."""
+    return {**metrics, **{k: measured[k] for k in THROUGHPUT_METRICS if k in measured}}
 
 
 def compose(tput: TrialResult, loss: TrialResult, phases: dict[str, float]) -> TrialResult:

@@ -125,7 +125,7 @@ def launch_trial(
         timeout_s=config.run.timeout_s,
         env=_trial_env(config),
         fork_server=fork_server if config.parallel.world_size == 1 else None,
-        progress=Progress(progress_path, on_rung) if progress_path is not None else None,
+        progress=RungReports(progress_path, on_rung) if progress_path is not None else None,
     )
 
 
@@ -158,7 +158,7 @@ _PROGRESS_POLL_S = 0.5  # how often a trial's progress file is looked at (a stat
 
 
 @dataclasses.dataclass
-class Progress:
+class RungReports:
     """A trial's rung records as it appends them (JSON lines), each passed to ``on_rung`` once."""
 
     path: Path
@@ -208,7 +208,7 @@ def run_process(
     env: dict[str, str] | None = None,
     kill_grace_s: float = KILL_GRACE_S,
     fork_server: ForkServer | None = None,
-    progress: Progress | None = None,
+    progress: RungReports | None = None,
 ) -> TrialResult:
     """Run ``argv`` in a new session, stdout and stderr to ``log_path``, for at most ``timeout_s``.
 
@@ -331,7 +331,7 @@ def _first_failure(paths: list[Path]) -> tuple[TrialResult | None, str | None]:
 
 
 def _wait(proc: subprocess.Popen, deadline: float, seen: set[psutil.Process], scan_every_s: float | None,
-          progress: Progress | None = None) -> bool:
+          progress: RungReports | None = None) -> bool:
     """Wait until ``proc`` exits, ``deadline`` (monotonic) passes or ``progress`` says stop; True if it timed out.
 
     As a subreaper (``scan_every_s`` None) this only waits. Otherwise it scans the tree every

@@ -24,7 +24,6 @@ from optuna.trial import TrialState
 
 from cotune import __version__, derive, early_stop, factorise, hardware, memory, time_to_loss
 from cotune.config import STATUSES, KernelConfig, TrialConfig, TrialResult
-from cotune.early_stop import Halving
 from cotune.errors import UserError
 from cotune.samplers import SAMPLERS
 from cotune.space import OBJECTIVES, SearchSpace
@@ -58,7 +57,7 @@ class SearchSettings:
     # Infeasible trials one search may record before it stops (they launch nothing, but a space that is
     # almost all infeasible would spin); None: 10 per budgeted trial.
     infeasible_cap: int | None = None
-    early_stopping: Halving | None = None  # stop trials at loss rungs (MO-ASHA); None: every trial runs its budget
+    early_stopping: early_stop.Halving | None = None  # stop trials at loss rungs (MO-ASHA); None: every trial runs its budget
     factorise: bool = False  # run only the throughput or the loss a study has not measured (cotune.factorise)
 
     @property
@@ -375,8 +374,8 @@ def _launch(study: optuna.Study, trial: optuna.Trial, config: TrialConfig, setti
         if listener is None:
             return run_fn(c, folder)
         # A loss trained on another layout is ranked at its rungs with this config's own throughput and memory.
-        hear = listener if own is None else (lambda r: listener(
-            {**r, "metrics": {**r["metrics"], **{k: own[k] for k in factorise.THROUGHPUT_METRICS if k in own}}}))
+        hear = listener if own is None else (
+            lambda r: listener({**r, "metrics": factorise.with_throughput(r["metrics"], own)}))
         return run_fn(c, folder, on_rung=hear)
 
     result, measured = factorise.run_planned(plan, run, measured_in)

@@ -48,6 +48,14 @@ def time_to_loss(loss_curve: list[list[float]], val_loss: float, step_time_s: fl
     return math.inf, None
 
 
+def of_result(result: TrialResult, target: float) -> tuple[float, int | None] | None:
+    """:func:`time_to_loss` of an ok trial's result (None for one that has no loss or step time)."""
+    m = result.metrics
+    if result.status != "ok" or "step_time_mean_s" not in m or "val_loss" not in m:
+        return None
+    return time_to_loss(result.loss_curve, float(m["val_loss"]), float(m["step_time_mean_s"]), target)
+
+
 def target_of(study_attrs: dict[str, Any]) -> float | None:
     """The study's target loss, if it has one yet."""
     target = study_attrs.get("loss_target")
@@ -62,22 +70,17 @@ def check_loss_target(study: optuna.Study, objectives: list[str], space_path: st
     if baseline is None:
         raise UserError(f"{space_path}: the time_to_loss objective needs a target loss; set loss_target: in "
                         "the space, or run its baseline: (without --no-baseline) as a new study's first trial")
-    if baseline is not None and baseline.state.is_finished() and baseline.user_attrs.get("status") != "ok":
+    if baseline.state.is_finished() and baseline.user_attrs.get("status") != "ok":
         raise UserError(f"{space_path}: the time_to_loss objective has no target: the baseline (trial "
                         f"{baseline.number}) ended {baseline.user_attrs.get('status')}; set loss_target: in the space")
 
 
 def record_time_to_loss(study: optuna.Study, trial: optuna.Trial, result: TrialResult) -> None:
     """The trial's time to the study's target loss; a baseline that finishes first sets the target."""
-    m = result.metrics
-    if result.status != "ok" or "step_time_mean_s" not in m:
-        return
     target = target_of(study.user_attrs)
-    if target is None and trial.user_attrs.get("baseline"):
-        target = float(m["val_loss"])
+    if target is None and trial.user_attrs.get("baseline") and result.status == "ok":
+        target = float(result.metrics["val_loss"])
         study.set_user_attr("loss_target", {"value": target, "source": f"the baseline's (trial {trial.number})"})
-    if target is None:
-        return  # no target: the objective is missing, and check_loss_target stops the search
-    seconds, steps = time_to_loss(result.loss_curve, float(m["val_loss"]), float(m["step_time_mean_s"]),
-                                               target)
-    m.update(loss_target=target, time_to_loss_s=seconds, steps_to_loss=steps)
+    reached = of_result(result, target) if target is not None else None
+    if reached is not None:  # without a target the objective is missing, and check_loss_target stops the search
+        result.metrics.update(loss_target=target, time_to_loss_s=reached[0], steps_to_loss=reached[1])
