@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 import optuna
+from prepared import prepare
 
-from cotune import data, hardware, runner, search, workload
+from cotune import runner, search
 from cotune.early_stop import Halving
-from cotune.space import load_space
 from cotune.study import trial_knobs
 from cotune.trial.measure import subsample
 
@@ -37,19 +37,10 @@ NEVER_STOP = Halving(eta=2**31)  # rungs reported and recorded; a trial goes on 
 
 
 def record(trials: int, storage: str, seed: int) -> None:
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    fingerprint = hardware.fingerprint()
-    space = load_space(SPACE)
-    cache_dir = data.default_cache_dir()
-    w = space.workload
-    info = data.prepare_data(w.data, cache_dir, seq_len=w.seq_len, tokenizer=w.tokenizer, text_field=w.data_field)
-    vocab = info.vocab_size if w.vocab_size == "auto" else w.vocab_size
-    settings = search.SearchSettings(
-        space=space, space_path=str(SPACE), objectives=list(space.objectives), budget=trials,
-        fingerprint=fingerprint, vocab_size=vocab, runs_dir=Path("cotune-runs") / STUDY, sampler="random", seed=seed,
-        world_size=search.check_hardware(space, str(SPACE), fingerprint),
-        workload=workload.describe(w, vocab_size=vocab), cache_dir=cache_dir, early_stopping=NEVER_STOP,
-    )
+    prepared = prepare(SPACE)
+    cache_dir = prepared.cache_dir
+    settings = prepared.settings(budget=trials, runs_dir=Path("cotune-runs") / STUDY, sampler="random", seed=seed,
+                                 cache_dir=cache_dir, early_stopping=NEVER_STOP)
     study = search.create_or_resume_study(optuna.storages.RDBStorage(storage), STUDY, settings)
     fork_server = runner.ForkServer(settings.runs_dir / "fork-server.log")
     started = time.monotonic()

@@ -27,20 +27,18 @@ import json
 import math
 import statistics
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import optuna
+from prepared import Prepared, prepare
 
-from cotune import data, hardware, search
+from cotune import search
 from cotune.config import TrialConfig, TrialResult
 from cotune.early_stop import Halving
 from cotune.report import analysis
-from cotune.space import load_space
-from cotune.workload import describe
 
 ROOT = Path(__file__).resolve().parent
 SPACE = ROOT / "spaces" / "cpu-tiny-gpt-discrete.yaml"
@@ -53,7 +51,7 @@ COLD_START_EXTRA_S = 1.88  # a fresh interpreter against a fork, one-process tri
 
 @dataclass(frozen=True)
 class Engine:
-    sampler: str  # "cotune" (cotune's TPE), or Optuna's: "tpe" (its defaults), "nsga2", "gp", "random"
+    sampler: str  # "cotune" (cotune's TPE), "tpe" (Optuna's TPE with its defaults), or cotune's "nsga2", "gp", "random"
     stop: bool = False
     reuse: bool = False
     warm: bool = True
@@ -181,18 +179,16 @@ class Replay:
             raise Reached
 
 
-def replay(table: Table, engine: Engine, seed: int, budget: int, base: dict[str, Any]) -> Replay:
+def replay(table: Table, engine: Engine, seed: int, budget: int, prepared: Prepared) -> Replay:
     """One replay; its curve ends where the engine reached the target or spent the budget."""
-    space = base["space"]
-    settings = search.SearchSettings(
-        space=space, space_path=str(SPACE), objectives=list(space.objectives), budget=budget,
-        fingerprint=base["fingerprint"], vocab_size=base["vocab"], runs_dir=Path("/nonexistent"),
-        sampler="tpe", seed=seed, world_size=base["world"], workload=base["workload"],
-        early_stopping=Halving() if engine.stop else None, factorise=engine.reuse,
-    )
-    storage = optuna.storages.InMemoryStorage()
-    study = search.create_or_resume_study(storage, "replay", settings)
-    study.sampler = _sampler(engine.sampler, seed)
+    space = prepared.space
+    settings = prepared.settings(
+        budget=budget, runs_dir=Path("/nonexistent"), seed=seed,
+        sampler="tpe" if engine.sampler in ("cotune", "tpe") else engine.sampler,  # cotune.samplers' own
+        early_stopping=Halving() if engine.stop else None, factorise=engine.reuse)
+    study = search.create_or_resume_study(optuna.storages.InMemoryStorage(), "replay", settings)
+    if engine.sampler == "tpe":  # Optuna's TPE as it comes, not cotune's (multivariate, grouped)
+        study.sampler = optuna.samplers.TPESampler(seed=seed)
     r = Replay(table, engine, space.trial.warmup_steps + space.trial.measured_steps)
     try:
         search.run_search(study, settings, r.run, on_done=lambda p, res: r.done(study, p))
@@ -201,41 +197,18 @@ def replay(table: Table, engine: Engine, seed: int, budget: int, base: dict[str,
     return r
 
 
-def _sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
-    from cotune.samplers import SAMPLERS
-
-    if name == "cotune":
-        return SAMPLERS["tpe"](seed, 2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return {"tpe": lambda: optuna.samplers.TPESampler(seed=seed), "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
-                "gp": lambda: optuna.samplers.GPSampler(seed=seed),
-                "random": lambda: optuna.samplers.RandomSampler(seed=seed)}[name]()
-
-
 def reached(r: Replay) -> tuple[float, float]:
     """(simulated seconds, trials) when the replay reached the target; inf if it never did."""
     return next(((s, n) for s, n, share in r.curve if share >= TARGET_SHARE), (math.inf, math.inf))
 
 
-def base_settings() -> dict[str, Any]:
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    space = load_space(SPACE)
-    fingerprint = hardware.fingerprint()
-    w = space.workload  # the vocabulary of the data the table's trials trained on (prepared once, then cached)
-    vocab = data.prepare_data(w.data, data.default_cache_dir(), seq_len=w.seq_len, tokenizer=w.tokenizer,
-                              text_field=w.data_field).vocab_size
-    return {"space": space, "fingerprint": fingerprint, "vocab": vocab,
-            "world": search.check_hardware(space, str(SPACE), fingerprint),
-            "workload": describe(space.workload, vocab_size=vocab)}
-
-
 def run_all(table: Table, engines: list[str], seeds: int, budget: int) -> dict[str, list[Replay]]:
-    base = base_settings()
+    prepared = prepare(SPACE)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     out = {}
     for name in engines:
         t = time.perf_counter()
-        out[name] = [replay(table, ENGINES[name], seed, budget, base) for seed in range(seeds)]
+        out[name] = [replay(table, ENGINES[name], seed, budget, prepared) for seed in range(seeds)]
         times, trials = zip(*(reached(r) for r in out[name]))
         print(f"{name}: median {statistics.median(times):.0f} s, {statistics.median(trials):.0f} trials to "
               f"{TARGET_SHARE:.0%} (replayed in {time.perf_counter() - t:.0f} s)", flush=True)

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+from prepared import Prepared, prepare
 
-from cotune import data, hardware, runner, search, workload
+from cotune import runner, search
 from cotune.early_stop import Halving
 from cotune.report import analysis
-from cotune.space import OBJECTIVES, default_space_path, load_space
+from cotune.space import OBJECTIVES
 
 TRAINING = ("warmup", "measured", "rest")  # phases that are training steps
 OTHER = [("start_and_import", "process start + import"), ("data", "data"), ("model_build", "model build"),
@@ -37,15 +38,12 @@ MODES = {  # name: (early stopping, reuse)
 }
 
 
-def run_mode(mode: str, args, space, space_path, fingerprint, vocab, described, cache_dir, folder: Path):
+def run_mode(mode: str, args, prepared: Prepared, folder: Path):
     """One search; returns its study and wall seconds."""
     early, reuse = MODES[mode]
-    settings = search.SearchSettings(
-        space=space, space_path=str(space_path), objectives=list(space.objectives), budget=args.budget,
-        fingerprint=fingerprint, vocab_size=vocab, runs_dir=folder / "runs", sampler="tpe", seed=args.seed,
-        world_size=search.check_hardware(space, str(space_path), fingerprint), workload=described,
-        cache_dir=cache_dir, early_stopping=Halving() if early else None, factorise=reuse,
-    )
+    cache_dir = prepared.cache_dir
+    settings = prepared.settings(budget=args.budget, runs_dir=folder / "runs", sampler="tpe", seed=args.seed,
+                                 cache_dir=cache_dir, early_stopping=Halving() if early else None, factorise=reuse)
     study = search.create_or_resume_study(optuna.storages.RDBStorage(f"sqlite:///{folder}/bench.db"), "bench",
                                           settings)
     search.enqueue_baseline(study, settings)
@@ -94,30 +92,20 @@ def main() -> None:
                         "what the study has not), both (the default engine)")
     args = parser.parse_args()
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    fingerprint = hardware.fingerprint()
-    space_path = args.space or default_space_path(fingerprint["hardware"]["gpu_count"])
-    space = load_space(space_path)
-    cache_dir = data.default_cache_dir()
-    w = space.workload
-    info = data.prepare_data(w.data, cache_dir, seq_len=w.seq_len, tokenizer=w.tokenizer, text_field=w.data_field)
-    vocab = info.vocab_size if w.vocab_size == "auto" else w.vocab_size
-    described = workload.describe(w, vocab_size=vocab, eot_id=info.eot_id, pad_id=info.pad_id, cache_dir=cache_dir)
+    prepared = prepare(args.space)
+    space = prepared.space
 
     results = {}
     for mode in [m.strip() for m in args.modes.split(",")]:
         with tempfile.TemporaryDirectory() as tmp:
             print(f"{mode}: {args.budget} trials of {space.name}", flush=True)
-            study, wall = run_mode(mode, args, space, space_path, fingerprint, vocab, described, cache_dir,
-                                   Path(tmp))
+            study, wall = run_mode(mode, args, prepared, Path(tmp))
             results[mode] = summarise(study, wall)
 
     directions = [OBJECTIVES[o][1] for o in space.objectives]
     baselines = analysis.as_minimised(np.array([r["baseline"] for r in results.values()]), directions)
     reference = baselines.max(axis=0)  # the worse baseline on each objective
-    hw = fingerprint["hardware"]
-    print(f"\n{space.name}, budget {args.budget}, seed {args.seed}, on {hw['cpu_model']} x{hw['cpu_count']}, "
-          f"{hw['gpu_count']} GPU(s), torch {fingerprint['software']['torch']}\n")
+    print(f"\n{space.name}, budget {args.budget}, seed {args.seed}, on {prepared.machine()}\n")
     print("| engine | " + " | ".join(results) + " |\n|---|" + "---:|" * len(results))
 
     def row(label, fn):

@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 import optuna
+from prepared import Prepared, prepare
 
-from cotune import data, hardware, runner, search, workload
-from cotune.space import default_space_path, load_space
+from cotune import runner, search
 
 PHASES = [
     ("start_and_import", "process start + import"),
@@ -49,18 +49,10 @@ def main() -> None:
     parser.add_argument("--compare", action="store_true", help="fresh starts first, then warm ones")
     args = parser.parse_args()
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    fingerprint = hardware.fingerprint()
-    space_path = args.space or default_space_path(fingerprint["hardware"]["gpu_count"])
-    space = load_space(space_path)
-    cache_dir = data.default_cache_dir()
-    w = space.workload
-    info = data.prepare_data(w.data, cache_dir, seq_len=w.seq_len, tokenizer=w.tokenizer, text_field=w.data_field)
-    vocab = info.vocab_size if w.vocab_size == "auto" else w.vocab_size
-    described = workload.describe(w, vocab_size=vocab, eot_id=info.eot_id, pad_id=info.pad_id, cache_dir=cache_dir)
+    prepared = prepare(args.space)
 
     modes = [False, True] if args.compare else [not args.no_warm_start]
-    means = {warm: _measure(args, space, space_path, fingerprint, vocab, described, cache_dir, warm) for warm in modes}
+    means = {warm: _measure(args, prepared, warm) for warm in modes}
     if args.compare:
         print("\n| phase | fresh start | warm start |\n|---|---:|---:|")
         for key, label in [*PHASES, ("total", "**total per trial**")]:
@@ -70,16 +62,12 @@ def main() -> None:
             print(f"| {label} | {means[False].get(key, 0.0):.2f} | {means[True][key]:.2f} |")
 
 
-def _measure(args, space, space_path, fingerprint, vocab, described, cache_dir, warm: bool) -> dict[str, float]:
+def _measure(args, prepared: Prepared, warm: bool) -> dict[str, float]:
     """Run the trials (forked from a fork server if ``warm``), print the table; the mean of each phase."""
     rows: list[dict[str, float]] = []
     fork_server = runner.ForkServer() if warm else None
     with tempfile.TemporaryDirectory() as tmp:
-        settings = search.SearchSettings(
-            space=space, space_path=str(space_path), objectives=list(space.objectives), budget=args.trials,
-            fingerprint=fingerprint, vocab_size=vocab, runs_dir=Path(tmp) / "runs", sampler="random", seed=0,
-            world_size=search.check_hardware(space, str(space_path), fingerprint), workload=described,
-        )
+        settings = prepared.settings(budget=args.trials, runs_dir=Path(tmp) / "runs", sampler="random", seed=0)
         study = search.create_or_resume_study(optuna.storages.RDBStorage(f"sqlite:///{tmp}/bench.db"), "bench", settings)
         returned_at = {}
 
@@ -89,7 +77,7 @@ def _measure(args, space, space_path, fingerprint, vocab, described, cache_dir, 
             print(f"fork server ready in {time.perf_counter() - t:.2f} s (once per search)", flush=True)
 
         def run(config, trial_dir):
-            result = runner.launch_trial(config, trial_dir, cache_dir=cache_dir, fork_server=fork_server)
+            result = runner.launch_trial(config, trial_dir, cache_dir=prepared.cache_dir, fork_server=fork_server)
             returned_at["t"] = time.perf_counter()
             returned_at["processes"] = config.parallel.world_size
             return result
@@ -111,8 +99,7 @@ def _measure(args, space, space_path, fingerprint, vocab, described, cache_dir, 
             if fork_server is not None:
                 fork_server.close()
 
-    print(f"\n{space.name} ({'warm' if warm else 'fresh'} starts) on {fingerprint['hardware']['cpu_model']} x{fingerprint['hardware']['cpu_count']}, "
-          f"{fingerprint['hardware']['gpu_count']} GPU(s), torch {fingerprint['software']['torch']}, "
+    print(f"\n{prepared.space.name} ({'warm' if warm else 'fresh'} starts) on {prepared.machine()}, "
           f"{len(rows)} trials (seconds per trial, mean ± stdev)\n")
     print("| phase | seconds | share |")
     print("|---|---:|---:|")
