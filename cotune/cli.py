@@ -87,8 +87,9 @@ def search(
     confirm: bool = typer.Option(False, "--confirm", help="When the search ends, rerun the Pareto configs and the "
                                  "baseline with other seeds (as `cotune confirm` does), before any --report."),
     warm_start: bool = typer.Option(True, "--warm-start/--no-warm-start",
-                                    help="Fork one-process trials from a server that imported torch once (default), "
-                                    "rather than start each in a fresh interpreter."),
+                                    help="Fork trials from a server that imported torch once (default; a multi-process "
+                                    "trial runs torchrun there with its ranks forked), rather than start each in a "
+                                    "fresh interpreter."),
     early_stopping: bool = typer.Option(True, "--early-stopping/--no-early-stopping",
                                         help="Stop a trial at 1/9 or 1/3 of its token budget unless it ranks in the "
                                         "top third, by Pareto rank with its loss there, of the trials that got that "

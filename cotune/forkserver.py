@@ -1,4 +1,4 @@
-"""A warm start for one-process trials: a server that imported torch once forks each trial.
+"""A warm start for trials: a server that imported torch once forks each trial.
 
 A fresh trial spends about a third of its wall time starting Python and importing torch.
 The server (``python -m cotune.forkserver``, a child of the search in its own session)
@@ -8,6 +8,15 @@ trial's log and runs the same entry as ``python -m cotune.trial``. The runner tr
 child as it treats a fresh one (timeout, kill as a group, classification) through
 :class:`ForkedTrial`, which looks like the ``subprocess.Popen`` it replaces.
 
+A multi-process trial is ``torchrun OPTIONS -m cotune.trial ARGS``; forked, the child runs
+torchrun itself: its own argument parser and launcher (the elastic agent, the c10d
+rendezvous, the worker monitor) on the same OPTIONS, in-process, with the ranks forked
+from the warm child (torchrun's ``--start-method fork`` for a function entry point)
+instead of started as fresh interpreters. Each rank runs :func:`cotune.trial.__main__.main`
+with torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) as a
+fresh rank would, and the trial's process tree is the child and its ranks, as it would be
+torchrun's.
+
 Fork is safe only before CUDA (or any accelerator runtime) is initialised: a forked child
 inherits the parent's driver state but not its threads, and CUDA refuses to run in it. So
 the server never touches a device; each trial initialises its own after the fork. It never
@@ -15,7 +24,7 @@ imports triton either (``torch._dynamo`` does), because triton reads ``TRITON_IN
 at its first import, which must be the trial's; and it never opens the data.
 
 Protocol, one JSON object a line. Search to server (stdin): ``{"args", "env", "cwd",
-"log"}``. Server to search (stdout): ``{"ready": true}`` once the imports are done, then
+"log", "torchrun"}`` (``torchrun``: torchrun's options, or null for one process). Server to search (stdout): ``{"ready": true}`` once the imports are done, then
 ``{"started": pid}`` for each request (or ``{"error": why}``) and ``{"exited": pid,
 "returncode": rc}`` when that child ends (``rc`` < 0: killed by signal ``-rc``, as Popen's).
 
@@ -42,6 +51,7 @@ PRELOAD = (
     "torch", "torch.distributed", "numpy", "cotune.config", "cotune.data", "cotune.hardware", "cotune.tiles",
     "cotune.trial.measure", "cotune.trial.distributed", "cotune.trial.batches", "cotune.trial.loss_scale",
     "cotune.trial.step", "cotune.trial.workloads", "cotune.trial.parallelize", "cotune.trial.__main__",
+    "torch.distributed.run",
 )
 # Variables a trial may set differently from the server's environment: read after the fork (triton is
 # imported in the trial; the other two are applied by the child itself).
@@ -68,14 +78,16 @@ class ForkServer:
         self.failed: str | None = None  # why warm starts stopped, once they did
         self.lost: set[int] = set()  # trials killed because the server died while they ran
 
-    def start_trial(self, args: list[str], *, env: dict[str, str], log_path: Path,
-                    cwd: Path | None = None) -> ForkedTrial | None:
-        """Fork ``python -m cotune.trial ARGS`` with ``env``, output to ``log_path``; None: start it fresh."""
+    def start_trial(self, args: list[str], *, env: dict[str, str], log_path: Path, cwd: Path | None = None,
+                    torchrun: list[str] | None = None) -> ForkedTrial | None:
+        """Fork ``python -m cotune.trial ARGS`` (under ``torchrun`` with these options, if given) with ``env``,
+        output to ``log_path``; None: start it fresh."""
         if not self.start(env):
             return None
         if _differs(env, self._env):
             return None  # a variable read at import time differs from the server's: only a fresh start honours it
-        request = {"args": [str(a) for a in args], "env": env, "cwd": str(cwd) if cwd else None, "log": str(log_path)}
+        request = {"args": [str(a) for a in args], "env": env, "cwd": str(cwd) if cwd else None, "log": str(log_path),
+                   "torchrun": None if torchrun is None else [str(o) for o in torchrun]}
         try:
             self._proc.stdin.write((json.dumps(request) + "\n").encode())
             self._proc.stdin.flush()
@@ -310,7 +322,10 @@ def _run_child(request: dict, *, server_pid: int, close: tuple[int, ...]) -> Non
         import cotune.trial.__main__ as trial_main
 
         sys.argv = [trial_main.__file__, *request["args"]]  # as ``python -m cotune.trial ARGS`` sets it
-        code = trial_main.main(request["args"])
+        if request.get("torchrun") is None:
+            code = trial_main.main(request["args"])
+        else:
+            code = _torchrun(request["torchrun"], request["args"])
     except SystemExit as e:  # argparse
         code = e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     except BaseException:
@@ -322,6 +337,58 @@ def _run_child(request: dict, *, server_pid: int, close: tuple[int, ...]) -> Non
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code)
+
+
+def _torchrun(options: list[str], args: list[str]) -> int:
+    """``torchrun OPTIONS -m cotune.trial ARGS`` in this process, its ranks forked from it: 0, or 1 if a rank failed.
+
+    The options go through torchrun's own parser and the same steps as ``torchrun``'s ``run``
+    (``--standalone``: a c10d rendezvous on a free local port); only the entry point is a
+    function and the start method ``fork``, so each rank starts with torch imported.
+    """
+    import uuid
+
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+
+    parsed = torchrun.get_args_parser().parse_args([*options, "-m", "cotune.trial", *args])
+    if parsed.standalone:
+        parsed.rdzv_backend, parsed.rdzv_endpoint, parsed.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
+    config, _, _ = torchrun.config_from_args(parsed)
+    config.start_method = "fork"
+    global _AGENT_PID
+    _AGENT_PID = os.getpid()
+    try:
+        elastic_launch(config, entrypoint=_rank)(args)
+    except ChildFailedError as e:
+        print(f"torchrun: a rank failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+_AGENT_PID = 0  # in a forked torchrun trial: the process running torchrun, whose ranks die with it
+
+
+def _rank(args: list[str]) -> None:
+    """One rank of a forked torchrun trial: the trial's entry with the environment torchrun gave this rank.
+
+    As a fresh rank would: the default handling of the signals torchrun's agent handles (a SIGTERM
+    kills the rank), and torch's threads as torchrun set them; it also dies with the agent.
+    """
+    _die_with_parent(_AGENT_PID)
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    _apply_env()  # OMP_NUM_THREADS as torchrun set it for the ranks
+    import cotune.trial.__main__ as trial_main
+
+    code = trial_main.main(args)
+    with contextlib.suppress(BaseException):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    if code:
+        sys.exit(code)
 
 
 def _apply_env() -> None:

@@ -5,9 +5,10 @@ The search process holds no accelerator state, so every trial runs in a child pr
 controlling terminal, so a Ctrl-C in the terminal reaches only the search process,
 which then kills the whole tree. How the child ended (exit code, signal, timeout, the
 JSON result it wrote) becomes a ``TrialResult``: a failure is data, never an exception.
-A one-process trial may instead be forked from the search's fork server (cotune.forkserver),
-a warm start with torch imported already; it gets its own session all the same and is
-timed out, killed and classified the same way.
+A trial may instead be forked from the search's fork server (cotune.forkserver), a warm
+start with torch imported already (a multi-process trial runs torchrun there, its ranks
+forked too); it gets its own session all the same and is timed out, killed and classified
+the same way.
 
 Nothing here imports torch.
 """
@@ -101,8 +102,8 @@ def launch_trial(
     """Run ``config`` in its own process tree under ``trial_dir`` and say how it went.
 
     ``kernel_cache`` is the study's file of Triton kernel timings (see cotune.trial.kernels.timing).
-    With ``fork_server`` a one-process trial is forked from it (a warm start: torch is imported
-    already) rather than started fresh; a multi-process trial always starts under torchrun.
+    With ``fork_server`` the trial is forked from it (a warm start: torch is imported already)
+    rather than started fresh; a multi-process trial runs torchrun there with its ranks forked.
     With ``on_rung`` (and ``config.run.rung_fractions``) the trial reports each rung in
     ``progress.jsonl`` and ``on_rung(record)`` hears it: a non-empty answer says why to stop the trial
     there, and it ends ``pruned`` with the rung's metrics.
@@ -124,7 +125,7 @@ def launch_trial(
         log_path=trial_dir / "log.txt",
         timeout_s=config.run.timeout_s,
         env=_trial_env(config),
-        fork_server=fork_server if config.parallel.world_size == 1 else None,
+        fork_server=fork_server,
         progress=RungReports(progress_path, on_rung) if progress_path is not None else None,
     )
 
@@ -302,10 +303,15 @@ def _start_fresh(argv: list[str], env: dict[str, str], log_path: Path, cwd: Path
 
 
 def _fork(server: ForkServer, argv: list[str], env: dict[str, str], log_path: Path, cwd: Path | None):
-    """``argv`` (``python -m cotune.trial ARGS``) forked from ``server``, or None: start it fresh."""
-    if argv[1:3] != ["-m", "cotune.trial"]:
-        return None
-    return server.start_trial(argv[3:], env=env, log_path=log_path, cwd=cwd)
+    """``argv`` (``python -m cotune.trial ARGS``, or ``python -m torch.distributed.run OPTIONS -m cotune.trial
+    ARGS``) forked from ``server``, or None: start it fresh."""
+    if argv[1:3] == ["-m", "cotune.trial"]:
+        return server.start_trial(argv[3:], env=env, log_path=log_path, cwd=cwd)
+    if argv[1:3] == ["-m", "torch.distributed.run"] and "-m" in argv[3:]:
+        entry = argv.index("-m", 3)
+        if argv[entry + 1:entry + 2] == ["cotune.trial"]:
+            return server.start_trial(argv[entry + 2:], env=env, log_path=log_path, cwd=cwd, torchrun=argv[3:entry])
+    return None
 
 
 def _rank_results(result_path: Path) -> list[Path]:

@@ -1,4 +1,5 @@
-"""Warm trial starts: one-process trials forked from the fork server behave as fresh ones do."""
+"""Warm trial starts: trials forked from the fork server behave as fresh ones do, one-process
+ones and torchrun's with their ranks forked."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cotune.config import BatchConfig, OptimizerConfig, RunConfig, TrialConfig
+from cotune.config import BatchConfig, OptimizerConfig, ParallelConfig, RunConfig, TrialConfig
 from cotune.forkserver import PRELOAD, ForkServer
 from cotune.runner import child_env, launch_trial
 
@@ -30,16 +31,29 @@ BASE = TrialConfig(
 )
 
 # User workloads (``faulty:NAME``) that misbehave once the trial has read its data. Each first
-# writes who runs it to pids.json beside this module: the trial's pid and its parent's.
+# writes who runs it to pids.json beside this module (pids.rankN.json on rank N > 0): the trial's
+# pid, its parent's and its grandparent's. The ``*_on_rank1`` ones misbehave on rank 1 only; rank 0 waits in a collective.
 FAULTY = """
 import json, os, subprocess, sys, time
 from pathlib import Path
+import psutil
 
 def _say(**extra):
-    pids = {"trial": os.getpid(), "parent": os.getppid(), **extra}
+    pids = {"trial": os.getpid(), "parent": os.getppid(), "grandparent": psutil.Process(os.getppid()).ppid(), **extra}
     here = Path(__file__).parent
-    (here / "pids.tmp").write_text(json.dumps(pids))
-    os.replace(here / "pids.tmp", here / "pids.json")
+    rank = int(os.environ.get("RANK", "0"))
+    name = "pids.json" if rank == 0 else f"pids.rank{rank}.json"
+    (here / f"{name}.tmp").write_text(json.dumps(pids))
+    os.replace(here / f"{name}.tmp", here / name)
+
+def _on_rank1(misbehave):
+    import torch
+    import torch.distributed as dist
+    _say()
+    if dist.get_rank() == 1:
+        misbehave()
+    dist.all_reduce(torch.ones(1))  # rank 0 waits here for rank 1
+    raise RuntimeError("rank 0 got past the collective")
 
 def hang(cfg):  # with a grandchild in the trial's group
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -57,6 +71,14 @@ def abort(cfg):
 def raises(cfg):
     _say()
     raise RuntimeError("this workload does not build")
+
+def hang_on_rank1(cfg):
+    _on_rank1(lambda: time.sleep(60))
+
+def raises_on_rank1(cfg):
+    def fail():
+        raise RuntimeError("rank 1 does not build")
+    _on_rank1(fail)
 """
 
 # A search-like loop in its own process: trials of argv[1]'s config forked from its fork server.
@@ -89,9 +111,15 @@ def faulty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return folder
 
 
-def _with_model(model: str, timeout_s: float = 60.0) -> TrialConfig:
-    return dataclasses.replace(BASE, workload=dataclasses.replace(BASE.workload, model=model),
-                               run=dataclasses.replace(BASE.run, timeout_s=timeout_s))
+def _with_model(model: str, timeout_s: float = 60.0, config: TrialConfig = BASE) -> TrialConfig:
+    return dataclasses.replace(config, workload=dataclasses.replace(config.workload, model=model),
+                               run=dataclasses.replace(config.run, timeout_s=timeout_s))
+
+
+def _two_processes(parallel: ParallelConfig) -> TrialConfig:
+    """BASE on two processes: the same global batch, half the accumulation steps per data-parallel rank."""
+    accum = BASE.batch.grad_accum_steps // parallel.data_parallel
+    return dataclasses.replace(BASE, parallel=parallel, batch=dataclasses.replace(BASE.batch, grad_accum_steps=accum))
 
 
 def _gone(pid: int, within_s: float = 5.0) -> bool:
@@ -224,3 +252,77 @@ def test_when_the_server_dies_its_trial_is_a_crash_and_the_next_trials_start_fre
         assert json.loads((faulty / "pids.json").read_text())["parent"] == os.getpid()  # started fresh
         assert again.status == "crash"
     assert capfd.readouterr().err.count("trials start fresh from now on") == 1
+
+
+# --------------------------------------------------------------------------- torchrun trials, ranks forked
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("parallel", [ParallelConfig(dp=2), ParallelConfig(pp=2, pp_schedule="1f1b", pp_microbatches=2)],
+                         ids=["dp2", "pp2"])
+def test_a_warm_torchrun_trial_trains_exactly_as_a_fresh_one(tmp_path: Path, cache: Path,
+                                                             parallel: ParallelConfig) -> None:
+    config = _two_processes(parallel)
+    fresh = launch_trial(config, tmp_path / "fresh", cache_dir=cache)
+    with ForkServer(tmp_path / "server.log") as server:
+        warm = launch_trial(config, tmp_path / "warm", cache_dir=cache, fork_server=server)
+        assert server.failed is None
+    assert (fresh.status, warm.status) == ("ok", "ok"), (warm.reason, warm.error_tail)
+    assert warm.metrics["val_loss"] == pytest.approx(fresh.metrics["val_loss"], abs=1e-6)
+    flat = [[value for point in result.loss_curve for value in point] for result in (fresh, warm)]
+    assert flat[0] == pytest.approx(flat[1], abs=1e-6)
+    # torchrun's own launcher ran it: its banner is in the trial's log, and the ranks started warm.
+    assert "OMP_NUM_THREADS" in (tmp_path / "warm" / "log.txt").read_text()
+    assert warm.phase_seconds["start_and_import"] < fresh.phase_seconds["start_and_import"]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_warm_torchrun_trial_that_hangs_on_one_rank_is_killed_whole_at_its_timeout(
+    tmp_path: Path, cache: Path, faulty: Path
+) -> None:
+    with ForkServer() as server:
+        result = launch_trial(_with_model("faulty:hang_on_rank1", timeout_s=20.0, config=_two_processes(
+            ParallelConfig(dp=2))), tmp_path / "t", cache_dir=cache, fork_server=server)
+        ranks = [json.loads((faulty / name).read_text()) for name in ("pids.json", "pids.rank1.json")]
+        agent = ranks[0]["parent"]
+        assert ranks[1]["parent"] == agent and ranks[0]["grandparent"] == server.pid  # torchrun forked, ranks forked
+        assert (result.status, result.reason) == ("timeout", "ran past its 20 s timeout")
+        assert all(_gone(pid) for pid in (agent, ranks[0]["trial"], ranks[1]["trial"]))
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_warm_torchrun_trial_whose_rank_fails_says_what_a_fresh_one_says(tmp_path: Path, cache: Path,
+                                                                          faulty: Path) -> None:
+    config = _with_model("faulty:raises_on_rank1", config=_two_processes(ParallelConfig(dp=2)))
+    fresh = launch_trial(config, tmp_path / "fresh", cache_dir=cache)
+    with ForkServer() as server:
+        warm = launch_trial(config, tmp_path / "warm", cache_dir=cache, fork_server=server)
+        assert json.loads((faulty / "pids.json").read_text())["grandparent"] == server.pid
+    assert warm.status == fresh.status == "crash"
+    assert warm.reason == fresh.reason == "RuntimeError on rank 1: rank 1 does not build"
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_killing_the_search_leaves_no_rank_of_a_warm_torchrun_trial_behind(tmp_path: Path, cache: Path,
+                                                                          faulty: Path) -> None:
+    config_path = tmp_path / "config.json"
+    config_path.write_text(_with_model("faulty:hang_on_rank1", config=_two_processes(ParallelConfig(dp=2))).to_json())
+    script = tmp_path / "search.py"
+    script.write_text(SEARCH_SCRIPT)
+    search = subprocess.Popen([sys.executable, str(script), str(config_path), str(tmp_path / "runs"), str(cache)],
+                              env=child_env())
+    try:
+        ranks = [_wait_for(faulty / name) for name in ("pids.json", "pids.rank1.json")]
+        agent = ranks[0]["parent"]
+        assert psutil.Process(ranks[0]["grandparent"]).ppid() == search.pid  # the search's fork server
+        search.send_signal(signal.SIGKILL)
+        search.wait()
+        for pid, what in ((agent, "torchrun"), (ranks[0]["trial"], "rank 0"), (ranks[1]["trial"], "rank 1")):
+            assert _gone(pid), f"{what} outlived its search"
+    finally:
+        search.kill()
+        search.wait()
