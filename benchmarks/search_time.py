@@ -1,6 +1,6 @@
-"""Where a whole search's wall time goes, and what front it finds, for each engine: every trial whole, early stopping, reuse, both.
+"""Where a whole search's wall time goes, and what front it finds, for each engine: every trial whole (started fresh or warm), early stopping, reuse, both.
 
-Runs the real engine and runner (as `cotune search` does: warm starts, the space's baseline
+Runs the real engine and runner (as `cotune search` does: warm starts unless the mode is cold, the space's baseline
 as trial 0, a throwaway SQLite study) once per mode with the same seed, then reads each
 study: the search's wall time, the share of it spent inside training steps (the trials'
 warm-up, measured and remaining steps by their phase times), what the rest went to, how
@@ -9,7 +9,7 @@ hypervolume's reference point is the worst of the baselines' measured values, so
 is the volume of configs that beat the baseline on both throughput and loss.
 
     python benchmarks/search_time.py                      # the default space, budget 50: plain, then both
-    python benchmarks/search_time.py --modes plain,stop,reuse,both
+    python benchmarks/search_time.py --modes cold,plain,stop,reuse,both
 """
 
 from __future__ import annotations
@@ -33,14 +33,15 @@ OTHER = [("start_and_import", "process start + import"), ("data", "data"), ("mod
          ("rung_eval", "rung validations"), ("eval", "final validation"), ("peak_flops", "peak FLOP/s lookup")]
 
 
-MODES = {  # name: (early stopping, reuse)
-    "plain": (False, False), "stop": (True, False), "reuse": (False, True), "both": (True, True),
+MODES = {  # name: (early stopping, reuse, warm starts)
+    "cold": (False, False, False), "plain": (False, False, True), "stop": (True, False, True),
+    "reuse": (False, True, True), "both": (True, True, True),
 }
 
 
 def run_mode(mode: str, args, prepared: Prepared, folder: Path):
     """One search; returns its study and wall seconds."""
-    early, reuse = MODES[mode]
+    early, reuse, warm = MODES[mode]
     cache_dir = prepared.cache_dir
     settings = prepared.settings(budget=args.budget, runs_dir=folder / "runs", sampler="tpe", seed=args.seed,
                                  cache_dir=cache_dir, early_stopping=Halving() if early else None, factorise=reuse)
@@ -50,7 +51,8 @@ def run_mode(mode: str, args, prepared: Prepared, folder: Path):
     fork_server = runner.ForkServer(folder / "fork-server.log")
 
     def run(config, trial_dir, on_rung=None):
-        return runner.launch_trial(config, trial_dir, cache_dir=cache_dir, fork_server=fork_server, on_rung=on_rung)
+        return runner.launch_trial(config, trial_dir, cache_dir=cache_dir, fork_server=fork_server if warm else None,
+                                   on_rung=on_rung)
 
     def done(progress, result):
         print(f"  {mode} trial {progress.done}/{args.budget}: {result.status}", flush=True)
@@ -88,8 +90,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--space", type=Path, default=None)
     parser.add_argument("--modes", default="plain,both",
-                        help="comma-separated: plain (every trial whole), stop (early stopping), reuse (measure only "
-                        "what the study has not), both (the default engine)")
+                        help="comma-separated: cold (every trial whole, started fresh), plain (every trial whole, "
+                        "warm starts), stop (early stopping), reuse (measure only what the study has not), both "
+                        "(the default engine)")
     args = parser.parse_args()
 
     prepared = prepare(args.space)
