@@ -9,8 +9,9 @@ the peak-FLOP/s lookup, process exit, and recording in the study.
     python benchmarks/trial_overhead.py --trials 10 --space search_spaces/cpu-tiny-gpt.yaml
     python benchmarks/trial_overhead.py --trials 8 --compare   # fresh starts, then warm ones (fork server)
 
-One-process trials are forked from a warm fork server as `cotune search` does;
---no-warm-start starts each in a fresh interpreter, --compare measures both.
+Trials are forked from a warm fork server as `cotune search` does (a two-process trial runs
+torchrun there with its ranks forked); --no-warm-start starts each in a fresh interpreter,
+--compare measures both, with start and exit by process count.
 """
 
 from __future__ import annotations
@@ -57,9 +58,10 @@ def main() -> None:
         print("\n| phase | fresh start | warm start |\n|---|---:|---:|")
         for key, label in [*PHASES, ("total", "**total per trial**")]:
             print(f"| {label} | {means[False][key]:.2f} | {means[True][key]:.2f} |")
-        for key in sorted(k for k in means[True] if k.startswith("start_") and k != "start_and_import"):
-            label = f"process start + import, {key.removeprefix('start_')}-process trials"
-            print(f"| {label} | {means[False].get(key, 0.0):.2f} | {means[True][key]:.2f} |")
+        for what, label in (("start", "process start + import"), ("exit", "process exit + result read")):
+            for key in sorted(k for k in means[True] if k.startswith(f"{what}_") and k[len(what) + 1:].isdigit()):
+                print(f"| {label}, {key.removeprefix(what + '_')}-process trials | {means[False].get(key, 0.0):.2f} | "
+                      f"{means[True][key]:.2f} |")
 
 
 def _measure(args, prepared: Prepared, warm: bool) -> dict[str, float]:
@@ -110,13 +112,14 @@ def _measure(args, prepared: Prepared, warm: bool) -> dict[str, float]:
         means[key] = statistics.mean(values)
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         print(f"| {label} | {means[key]:.2f} ± {spread:.2f} | {100 * means[key] / total:.0f}% |")
-    # Only one-process trials start warm; torchrun starts the others in fresh interpreters either way.
+    # Starting and exiting by process count: a warm two-process trial forks torchrun and its ranks.
     for n in sorted({int(r["processes"]) for r in rows}):
-        starts = [r.get("start_and_import", 0.0) for r in rows if r["processes"] == n]
-        means[f"start_{n}"] = statistics.mean(starts)
-        spread = statistics.stdev(starts) if len(starts) > 1 else 0.0
-        print(f"process start + import of the {len(starts)} {n}-process trial(s): {means[f'start_{n}']:.2f} ± "
-              f"{spread:.2f} s")
+        for key, what in (("start_and_import", "start"), ("exit", "exit")):
+            values = [r.get(key, 0.0) for r in rows if r["processes"] == n]
+            means[f"{what}_{n}"] = statistics.mean(values)
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            print(f"process {what} of the {len(values)} {n}-process trial(s): {means[f'{what}_{n}']:.2f} ± "
+                  f"{spread:.2f} s")
     return means
 
 

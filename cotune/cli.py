@@ -107,7 +107,7 @@ def search(
     from cotune import search as engine
     from cotune.early_stop import Halving
     from cotune.space import default_space_path, load_space
-    from cotune.study import check_storage_url, open_storage
+    from cotune.study import check_storage_url, open_storage, shown
 
     # Cheap checks of the user's flags and files first; the hardware probe takes seconds.
     objective_names = _parse_objectives(objectives) if objectives else None
@@ -166,7 +166,7 @@ def search(
             _write_report(opt_study, None)
         return
     console.print(
-        f"study [bold]{name}[/] in {storage}: {progress.done} launched trials so far, running {budget - progress.done} more "
+        f"study [bold]{name}[/] in {shown(storage)}: {progress.done} launched trials so far, running {budget - progress.done} more "
         f"(space {space_path}, sampler {sampler.value}, objectives {', '.join(objective_names)})"
     )
 

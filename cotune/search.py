@@ -98,10 +98,9 @@ def create_or_resume_study(
         study_id = storage.get_study_id_from_name(name)
     except KeyError:
         study_id = None
-    # A rerun with the same --seed must not propose the first trials again: the sampler's seed
-    # also depends on how many trials the study already holds (a fresh study: the seed itself).
-    held = len(storage.get_all_trials(study_id, deepcopy=False)) if study_id is not None else 0
-    sampler = SAMPLERS[settings.sampler](sampler_seed(settings.seed, held), len(directions))
+    # With --seed, each trial is sampled from the seed and its own number (cotune.samplers), so a rerun
+    # does not propose the first trials again and workers that share the study propose different ones.
+    sampler = SAMPLERS[settings.sampler](settings.seed, len(directions))
     if study_id is not None:
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
         _check_compatible(study, name, settings, space_json)
@@ -134,13 +133,6 @@ def create_or_resume_study(
     for key, value in attrs.items():
         study.set_user_attr(key, value)
     return study
-
-
-def sampler_seed(seed: int | None, trials_held: int) -> int | None:
-    """The sampler's seed for a study that already holds ``trials_held`` trials (None stays random)."""
-    if seed is None or trials_held == 0:
-        return seed
-    return (seed * 1_000_003 + trials_held) % 2**32
 
 
 def _check_compatible(study: optuna.Study, name: str, settings: SearchSettings, space_json: dict) -> None:

@@ -8,6 +8,7 @@ alone (and so do ``optuna.load_study`` and optuna-dashboard).
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,28 @@ from cotune.space import OBJECTIVES
 DEFAULT_STORAGE = "sqlite:///cotune.db"
 
 
+def shown(url: str) -> str:
+    """``url`` as cotune prints it: a password replaced by ``***`` (also where SQLAlchemy cannot parse it)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def _without_password(text: str, url: str) -> str:
+    """``text`` (a driver's error, say) with ``url``'s password, if it has one, replaced by ``***``."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        password = make_url(url).password
+    except Exception:
+        found = re.search(r"://[^:/@]*:([^@]*)@", url)
+        password = found.group(1) if found else None
+    return text.replace(str(password), "***") if password else text
+
+
 def check_storage_url(url: str) -> None:
     """Catch a malformed storage URL before anything is created (opening a SQLite URL creates the file)."""
     from sqlalchemy.engine import make_url
@@ -30,13 +53,13 @@ def check_storage_url(url: str) -> None:
         parsed.get_dialect()
     except Exception as e:
         raise UserError(
-            f"--storage {url!r} is not a database URL Optuna can use ({type(e).__name__}); "
+            f"--storage {shown(url)!r} is not a database URL Optuna can use ({type(e).__name__}); "
             "use e.g. sqlite:///cotune.db or postgresql://user:password@host/dbname"
         ) from None
     db = parsed.database
     if parsed.get_backend_name() == "sqlite" and db and db != ":memory:" and \
             not Path(db).expanduser().resolve().parent.is_dir():
-        raise UserError(f"--storage {url!r}: the folder {Path(db).parent} does not exist")
+        raise UserError(f"--storage {shown(url)!r}: the folder {Path(db).parent} does not exist")
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
@@ -46,7 +69,8 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         return optuna.storages.RDBStorage(url)
     except Exception as e:  # sqlalchemy raises many kinds; all mean "cannot open this URL"
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"--storage {url!r}: cannot open this database ({reason})") from None
+        raise UserError(f"--storage {shown(url)!r}: cannot open this database ({_without_password(reason, url)})") \
+            from None
 
 
 def study_names(storage: optuna.storages.BaseStorage) -> list[str]:
@@ -62,7 +86,7 @@ def load_study(storage_url: str, name: str | None) -> optuna.Study:
     parsed = make_url(storage_url)
     db = parsed.database
     if parsed.get_backend_name() == "sqlite" and db and db != ":memory:" and not Path(db).expanduser().exists():
-        raise UserError(f"--storage {storage_url!r}: there is no database file {db}; run `cotune search` first "
+        raise UserError(f"--storage {shown(storage_url)!r}: there is no database file {db}; run `cotune search` first "
                         "or point --storage at an existing study")
     storage = open_storage(storage_url)
     names = study_names(storage)
@@ -70,12 +94,12 @@ def load_study(storage_url: str, name: str | None) -> optuna.Study:
         if len(names) == 1:
             name = names[0]
         elif not names:
-            raise UserError(f"--storage {storage_url!r} holds no study yet; run `cotune search` first")
+            raise UserError(f"--storage {shown(storage_url)!r} holds no study yet; run `cotune search` first")
         else:
-            raise UserError(f"--storage {storage_url!r} holds several studies; pick one with --study: {', '.join(names)}")
+            raise UserError(f"--storage {shown(storage_url)!r} holds several studies; pick one with --study: {', '.join(names)}")
     if name not in names:
         listed = ", ".join(names) if names else "none"
-        raise UserError(f"--study {name!r} is not in {storage_url} (studies there: {listed})")
+        raise UserError(f"--study {name!r} is not in {shown(storage_url)} (studies there: {listed})")
     return optuna.load_study(study_name=name, storage=storage)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -259,7 +260,24 @@ def test_a_rerun_with_the_same_seed_does_not_replay_the_first_trials(fingerprint
     trials = study.get_trials()
     first, resumed = [t.params for t in trials[:4]], [t.params for t in trials[4:]]
     assert all(r != f for r in resumed for f in first), "the resumed search proposed an earlier trial again"
-    assert search.sampler_seed(0, 0) == 0 and search.sampler_seed(None, 4) is None
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_with_a_seed_each_trial_is_sampled_from_its_own_number_whoever_asks(fingerprint, tmp_path, sampler):
+    # Two workers on one study with the same --seed: whichever asks trial N gets the same proposal, so two
+    # that interleave propose what one worker would, and never the same config twice at once.
+    s = settings(fingerprint, tmp_path, budget=12, sampler=sampler)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    one = study_for(tmp_path / "one", s)
+    search.run_search(one, s, fake_trial)
+    shared = study_for(tmp_path / "two", s)
+    other = optuna.load_study(study_name=shared.study_name, storage=shared._storage,
+                              sampler=SAMPLERS[sampler](s.seed, len(s.objectives)))
+    for number in range(12):  # the two workers take turns
+        worker = shared if number % 2 == 0 else other
+        search.run_search(worker, replace(s, budget=number + 1), fake_trial)
+    assert [t.params for t in shared.get_trials()] == [t.params for t in one.get_trials()]
 
 
 def test_the_baseline_is_a_new_studys_first_trial_and_the_report_measures_against_it(fingerprint, tmp_path):
