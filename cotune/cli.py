@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 import warnings
@@ -18,7 +19,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from cotune.errors import UserError
+from cotune.errors import Terminated, UserError
 from cotune.samplers import DEFAULT as DEFAULT_SAMPLER
 from cotune.samplers import SAMPLERS
 
@@ -143,13 +144,14 @@ def search(
         world_size=world_size, workload=workload_info, data=_data_attrs(data_info), cache_dir=cache_dir,
         early_stopping=Halving() if early_stopping else None, factorise=reuse,
     )
-    opt_study = engine.create_or_resume_study(open_storage(storage), name, settings)
+    opt_study = engine.create_or_resume_study(open_storage(storage), name, settings, baseline=baseline)
     if baseline:
-        why_not = engine.enqueue_baseline(opt_study, settings)
-        if not why_not:
+        from optuna.trial import TrialState
+
+        if any(t.user_attrs.get("baseline") for t in opt_study.get_trials(states=(TrialState.WAITING,))):
             console.print("trial 0 runs the space's baseline config, so the report measures every config against it")
-        elif search_space.baseline and "holds trials already" not in why_not:
-            console.print(f"the space's baseline is not run: {why_not}")
+        elif opt_study.user_attrs.get("baseline_not_run") and not opt_study.get_trials(deepcopy=False):
+            console.print(f"the space's baseline is not run: {opt_study.user_attrs['baseline_not_run']}")
     stale = engine.fail_stale_trials(opt_study)
     if stale:
         console.print(f"closed {stale} trial(s) left running by an earlier search that was killed")
@@ -178,13 +180,19 @@ def search(
                                    kernel_cache=settings.runs_dir / "kernel-timings.json", fork_server=fork_server,
                                    on_rung=on_rung)
 
+    previous = signal.signal(signal.SIGTERM, _terminate)  # a scheduler's SIGTERM unwinds as Ctrl-C does
     try:
         _run_with_progress(opt_study, settings, run_fn)
+    except Terminated:
+        err_console.print("terminated (SIGTERM): the running trial was killed and recorded as interrupted; "
+                          "run the same command again to resume")
+        raise typer.Exit(143) from None
     except KeyboardInterrupt:
         err_console.print("interrupted: the running trial was killed and recorded as interrupted; "
                           "run the same command again to resume")
         raise typer.Exit(130) from None
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if fork_server is not None:
             fork_server.close()
     _print_pareto(opt_study, objective_names)
@@ -234,6 +242,10 @@ def _describe_workload(workload, vocab: int, data_info, cache_dir: Path, where: 
             raise UserError(f"{where}: {e}") from None
 
 
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def _run_with_progress(opt_study, settings, run_fn) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -272,7 +284,8 @@ def _stats(p) -> str:
     pruned = p.by_status.get("pruned", 0)
     best = "  ".join(f"best {label(k)} {fmt(v)}" for k, v in p.best.items())
     infeasible = p.by_status.get("infeasible", 0)
-    return f"ok {p.by_status.get('ok', 0)}" + (f" | stopped early {pruned}" if pruned else "") + \
+    return f"ok {p.by_status.get('ok', 0)}" + (f" | running {p.running}" if p.running else "") + \
+        (f" | stopped early {pruned}" if pruned else "") + \
         (f" | failed: {failed}" if failed else "") + \
         (f" | infeasible {infeasible} (not launched)" if infeasible else "") + \
         f" | pareto {p.pareto_size} | {best}"

@@ -1,4 +1,4 @@
-"""The one exception type for a user's mistake (bad file, field or flag)."""
+"""The one exception type for a user's mistake (bad file, field or flag), and the search's SIGTERM."""
 
 from __future__ import annotations
 
@@ -8,3 +8,11 @@ class UserError(Exception):
 
     Bugs raise anything else and keep their traceback.
     """
+
+
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM (a scheduler ending the job) turned into an interrupt, so it unwinds the way Ctrl-C does:
+    the running trial's tree is killed and the trial recorded as interrupted."""
+
+    def __str__(self) -> str:
+        return "terminated (SIGTERM)"

@@ -19,9 +19,14 @@ torchrun's.
 
 Fork is safe only before CUDA (or any accelerator runtime) is initialised: a forked child
 inherits the parent's driver state but not its threads, and CUDA refuses to run in it. So
-the server never touches a device; each trial initialises its own after the fork. It never
-imports triton either (``torch._dynamo`` does), because triton reads ``TRITON_INTERPRET``
-at its first import, which must be the trial's; and it never opens the data.
+the server never touches a device; each trial initialises its own after the fork, and it
+never opens the data. With a torch build that has no accelerator runtime (CPU), it also
+imports the training module (``torch._dynamo`` and with it triton, half a second a trial
+otherwise); with a CUDA or ROCm build it leaves that to the trial, as importing triton
+looks for a driver. Triton reads ``TRITON_INTERPRET`` at its first import, so that
+variable is part of the server's environment like any other: a trial that sets it
+otherwise starts fresh (the runner sets it for every CPU trial, so CPU trials share one
+server).
 
 Protocol, one JSON object a line. Search to server (stdin): ``{"args", "env", "cwd",
 "log", "torchrun"}`` (``torchrun``: torchrun's options, or null for one process). Server to search (stdout): ``{"ready": true}`` once the imports are done, then
@@ -45,17 +50,17 @@ from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 READY_TIMEOUT_S = 120.0  # importing torch on a slow, busy disk; past this the trials start fresh
-# What the server imports for every trial: torch and the trial side, but not cotune.trial.train, which
-# imports torch._dynamo and with it triton (see the module docstring).
+# What the server imports for every trial: torch and the trial side; and, where torch has no accelerator
+# runtime, cotune.trial.train (PRELOAD_CPU), which imports torch._dynamo and with it triton.
+PRELOAD_CPU = ("cotune.trial.train",)
 PRELOAD = (
     "torch", "torch.distributed", "numpy", "cotune.config", "cotune.data", "cotune.hardware", "cotune.tiles",
     "cotune.trial.measure", "cotune.trial.distributed", "cotune.trial.batches", "cotune.trial.loss_scale",
     "cotune.trial.step", "cotune.trial.workloads", "cotune.trial.parallelize", "cotune.trial.__main__",
     "torch.distributed.run",
 )
-# Variables a trial may set differently from the server's environment: read after the fork (triton is
-# imported in the trial; the other two are applied by the child itself).
-PER_TRIAL_ENV = frozenset({"TRITON_INTERPRET", "PYTHONUNBUFFERED", "PYTHONFAULTHANDLER"})
+# Variables a trial may set differently from the server's environment: the child applies them itself.
+PER_TRIAL_ENV = frozenset({"PYTHONUNBUFFERED", "PYTHONFAULTHANDLER"})
 
 
 # --------------------------------------------------------------------------- search side
@@ -239,7 +244,7 @@ class ForkedTrial:
 
 def serve(parent_pid: int) -> None:
     """The server's loop: fork a trial per request, report each child's exit; exit at EOF or with the search."""
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the search decides when we stop (EOF or our death)
     replies = os.dup(1)
     os.dup2(2, 1)  # what an import prints goes to our log, not into the protocol
@@ -247,6 +252,11 @@ def serve(parent_pid: int) -> None:
 
     for name in PRELOAD:
         importlib.import_module(name)
+    import torch
+
+    if torch.version.cuda is None and torch.version.hip is None:
+        for name in PRELOAD_CPU:
+            importlib.import_module(name)
     # After the imports: a variable the search did not set here may not be read by them either.
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
@@ -301,7 +311,7 @@ def _run_child(request: dict, *, server_pid: int, close: tuple[int, ...]) -> Non
     code = 1
     try:
         os.setsid()  # own session and group (pgid == pid): the runner kills the trial as a group
-        _die_with_parent(server_pid)
+        die_with_parent(server_pid)
         signal.set_wakeup_fd(-1)
         for fd in close:
             os.close(fd)
@@ -376,7 +386,7 @@ def _rank(args: list[str]) -> None:
     As a fresh rank would: the default handling of the signals torchrun's agent handles (a SIGTERM
     kills the rank), and torch's threads as torchrun set them; it also dies with the agent.
     """
-    _die_with_parent(_AGENT_PID)
+    die_with_parent(_AGENT_PID)
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -407,7 +417,7 @@ def _apply_env() -> None:
         torch.set_num_threads(int(threads))
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def die_with_parent(parent_pid: int) -> None:
     """SIGKILL this process when its parent dies (Linux); if the parent is gone already, exit now."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):

@@ -131,12 +131,17 @@ def launch_trial(
 
 
 def _trial_env(config: TrialConfig) -> dict[str, str]:
-    """The trial's environment: :func:`child_env`; a CPU trial with Triton kernels runs them in
-    Triton's interpreter (set before triton is imported)."""
+    """The trial's environment: :func:`child_env`; a CPU trial runs Triton kernels, if it has any, in
+    Triton's interpreter (read when triton is first imported). Every CPU trial gets it, Triton kernels
+    or not, so all of a CPU search's trials fork from one server that imported triton already."""
     env = child_env()
-    if config.run.device == "cpu" and config.kernels.selected():
+    if config.run.device == "cpu":
         env["TRITON_INTERPRET"] = "1"
+    env[SEARCH_PID_ENV] = str(os.getpid())  # a rank that starts after we died exits (cotune.trial.__main__)
     return env
+
+
+SEARCH_PID_ENV = "COTUNE_SEARCH_PID"
 
 
 def child_env() -> dict[str, str]:
@@ -299,7 +304,16 @@ def _start_fresh(argv: list[str], env: dict[str, str], log_path: Path, cwd: Path
             cwd=cwd,
             env=env,
             start_new_session=True,  # own session and group: pgid == proc.pid
+            # Killed with us, even by SIGKILL (Linux; kept across exec): torchrun too, whose ranks die with it.
+            preexec_fn=_die_with_us if sys.platform.startswith("linux") else None,
         )
+
+
+def _die_with_us() -> None:
+    """In the child between fork and exec: SIGKILL when the search (its parent) dies."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 def _fork(server: ForkServer, argv: list[str], env: dict[str, str], log_path: Path, cwd: Path | None):

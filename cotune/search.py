@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 
 from cotune import __version__, derive, early_stop, factorise, hardware, memory, time_to_loss
 from cotune.config import STATUSES, KernelConfig, TrialConfig, TrialResult
-from cotune.errors import UserError
+from cotune.errors import Terminated, UserError
 from cotune.samplers import SAMPLERS
 from cotune.space import OBJECTIVES, SearchSpace
 from cotune.study import counted_trials, pareto_trials
@@ -89,9 +89,12 @@ def check_hardware(space: SearchSpace, space_path: str, fingerprint: dict[str, A
 
 
 def create_or_resume_study(
-    storage: optuna.storages.BaseStorage, name: str, settings: SearchSettings
+    storage: optuna.storages.BaseStorage, name: str, settings: SearchSettings, *, baseline: bool = False
 ) -> optuna.Study:
-    """Create the study, or load it and check it is the same search on the same hardware."""
+    """Create the study, or load it and check it is the same search on the same hardware.
+
+    With ``baseline`` a new study's first trial is the space's baseline (:func:`enqueue_baseline`), queued
+    before other workers may load the study; why it was not is the study attr ``baseline_not_run``."""
     directions = [OBJECTIVES[o][1] for o in settings.objectives]
     space_json = settings.space.model_dump(mode="json")
     try:
@@ -102,9 +105,7 @@ def create_or_resume_study(
     # does not propose the first trials again and workers that share the study propose different ones.
     sampler = SAMPLERS[settings.sampler](settings.seed, len(directions))
     if study_id is not None:
-        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
-        _check_compatible(study, name, settings, space_json)
-        return study
+        return _load_created(storage, name, sampler, settings, space_json)
     precision_choices = (derive.allowed_domain("precision", settings.space.knobs["precision"],
                                                settings.native_precisions).choices
                          if "precision" in settings.space.knobs else None)
@@ -112,7 +113,10 @@ def create_or_resume_study(
     if settings.cache_dir is not None:  # one MFU denominator for the whole study, taken before it exists
         peaks = hardware.study_peak_flops(settings.space.hardware.device,
                                           precision_choices or [derive.DEFAULTS["precision"]], settings.cache_dir)
-    study = optuna.create_study(study_name=name, storage=storage, directions=directions, sampler=sampler)
+    try:
+        study = optuna.create_study(study_name=name, storage=storage, directions=directions, sampler=sampler)
+    except optuna.exceptions.DuplicatedStudyError:  # another worker created it a moment ago
+        return _load_created(storage, name, sampler, settings, space_json)
     attrs = {
         "objectives": settings.objectives,
         "space": space_json,
@@ -130,8 +134,30 @@ def create_or_resume_study(
     }
     if settings.space.loss_target is not None:  # otherwise the baseline's loss, once it is measured
         attrs["loss_target"] = {"value": settings.space.loss_target, "source": "the space's loss_target"}
+    attrs["created_by"] = {"host": socket.gethostname(), "pid": os.getpid()}
+    version = attrs.pop("cotune_version")  # written last: a worker loading the study waits for it
     for key, value in attrs.items():
         study.set_user_attr(key, value)
+    why_not = enqueue_baseline(study, settings) if baseline else ""
+    if why_not and settings.space.baseline:
+        study.set_user_attr("baseline_not_run", why_not)
+    study.set_user_attr("cotune_version", version)
+    return study
+
+
+_CREATING_S = 60.0  # how long a worker waits for the study another worker is creating to get its attributes
+
+
+def _load_created(storage: optuna.storages.BaseStorage, name: str, sampler: Any, settings: SearchSettings,
+                  space_json: dict) -> optuna.Study:
+    """Load an existing study, once the worker that created it has written its attributes, and check it."""
+    deadline = time.monotonic() + _CREATING_S
+    while True:
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        if "cotune_version" in study.user_attrs or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    _check_compatible(study, name, settings, space_json)
     return study
 
 
@@ -172,6 +198,10 @@ def enqueue_baseline(study: optuna.Study, settings: SearchSettings) -> str:
         return "the space declares no baseline"
     if study.get_trials(deepcopy=False):
         return "the study holds trials already"
+    creator = study.user_attrs.get("created_by") or {}
+    if creator and (creator.get("host"), creator.get("pid")) != (socket.gethostname(), os.getpid()) and (
+            creator.get("host") != socket.gethostname() or _alive(creator["pid"])):
+        return "the study holds trials already"  # its creator, a worker still running, queues the baseline
     # The baseline's knob values, as derive fills what it leaves out; its params are what suggest would ask.
     tiles = {f.name: f.default for f in fields(KernelConfig) if f.name in derive.KNOBS}
     values = {**derive.DEFAULTS, **tiles, "world_size": settings.world_size, **declared}
@@ -228,6 +258,7 @@ class Progress:
     pareto_size: int = 0
     best: dict[str, float] = field(default_factory=dict)
     stopped: str = ""  # why the search stopped before the budget ('' when it did not)
+    running: int = 0  # launched trials still running, this worker's or others' on the same study
 
     @property
     def eta_s(self) -> float | None:
@@ -243,6 +274,8 @@ def progress_of(study: optuna.Study, objectives: list[str], progress: Progress) 
     progress.by_status = {s: 0 for s in STATUSES}
     for t in trials:
         progress.by_status[t.user_attrs["status"]] += 1
+    progress.running = sum(t.state == TrialState.RUNNING and bool(t.user_attrs.get("launched"))
+                           for t in study.get_trials(deepcopy=False))
     progress.pareto_size = len(pareto_trials(study))
     for i, name in enumerate(objectives):
         values = [t.values[i] for t in trials if t.state == TrialState.COMPLETE]
@@ -268,7 +301,7 @@ def run_search(
     """
     progress = progress_of(study, settings.objectives, Progress(settings.budget, 0))
     cap = settings.infeasible_cap if settings.infeasible_cap is not None else 10 * settings.budget
-    while progress.done < settings.budget:
+    while launched(study.get_trials(deepcopy=False)) < settings.budget:
         time_to_loss.check_loss_target(study, settings.objectives, settings.space_path)
         if progress.infeasible_here >= cap:
             progress.stopped = (
@@ -279,8 +312,12 @@ def run_search(
         trial = study.ask()
         try:
             result = _ask_run_record(study, trial, settings, run_fn, on_start)
-        except KeyboardInterrupt:
-            _close(study, trial, "interrupted", "the search was interrupted (Ctrl-C) while this trial ran")
+        except BudgetSpent as spent:
+            _close(study, trial, "interrupted", str(spent))
+            break
+        except KeyboardInterrupt as e:
+            how = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted (Ctrl-C)"
+            _close(study, trial, "interrupted", f"the search was {how} while this trial ran")
             raise
         except Exception as e:
             # Not the config's failure: recorded as interrupted (not counted), so a rerun tries again.
@@ -292,6 +329,51 @@ def run_search(
             progress.ran_here += 1
         on_done(progress_of(study, settings.objectives, progress), result)
     return progress
+
+
+class BudgetSpent(Exception):
+    """Other workers launched the study's budget while this one held a trial: it is closed, not run."""
+
+
+_DECIDE_S = 10.0  # how long an earlier trial may take to be launched or recorded before it counts as neither
+
+
+def launched(trials: list[optuna.trial.FrozenTrial]) -> int:
+    """Trials that count against the budget: recorded as launched (any status but infeasible), or running and
+    claimed (``launched`` set just before its worker started it), whichever worker has them."""
+    return sum(_counts(t) is True for t in trials)
+
+
+def _counts(t: optuna.trial.FrozenTrial) -> bool | None:
+    """True: counts against the budget; False: does not; None: undecided (being asked or derived)."""
+    status = t.user_attrs.get("status")
+    if status is not None:
+        return status in STATUSES and status != "infeasible"
+    if t.state != TrialState.RUNNING:
+        return False  # closed without a status (an older cotune, or by hand)
+    return True if t.user_attrs.get("launched") else None
+
+
+def claim_slot(study: optuna.Study, trial: optuna.Trial, budget: int) -> None:
+    """Claim one of the budget's launches for ``trial`` before it starts, or raise :class:`BudgetSpent`.
+
+    Trial numbers are handed out in order under a lock on the study (Optuna's RDB storage), so
+    every trial numbered below this one is visible here: it runs only if fewer than ``budget`` of
+    those count. Several workers on one study therefore launch exactly ``budget`` trials between
+    them. An earlier trial still being derived is waited for (milliseconds), at most ``_DECIDE_S``:
+    one whose worker died before deciding never launches.
+    """
+    trial.set_user_attr("launched", True)
+    deadline = time.monotonic() + _DECIDE_S
+    while True:
+        earlier = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number]
+        verdicts = [_counts(t) for t in earlier]
+        if None not in verdicts or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    if sum(v is True for v in verdicts) >= budget:
+        raise BudgetSpent(f"not run: the study's budget of {budget} launched trials was spent by other workers "
+                          "while this one asked")
 
 
 def _ask_run_record(study: optuna.Study, trial: optuna.Trial, settings: SearchSettings, run_fn: RunFn,
@@ -321,11 +403,13 @@ def _ask_run_record(study: optuna.Study, trial: optuna.Trial, settings: SearchSe
         too_big = memory.fits(estimate, capacity)
         if too_big and not reason:
             reason, violation = too_big, estimate.total / capacity - 1.0
-    on_start(trial.number, config)
     measured = None
     if reason:
+        on_start(trial.number, config)
         result = TrialResult(status="infeasible", reason=reason)
     else:
+        claim_slot(study, trial, settings.budget)
+        on_start(trial.number, config)
         config, result, measured = _launch(study, trial, config, settings, run_fn)
     # Feasibility is a constraint the samplers learn from (<= 0: feasible): 1 for a broken rule, the share
     # over capacity for a config the memory model says cannot fit.

@@ -8,7 +8,9 @@ alone (and so do ``optuna.load_study`` and optuna-dashboard).
 from __future__ import annotations
 
 import dataclasses
+import random
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,12 +67,29 @@ def check_storage_url(url: str) -> None:
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna storage for ``url``; a URL it cannot open is the user's error (the --storage flag)."""
     check_storage_url(url)
-    try:
-        return optuna.storages.RDBStorage(url)
-    except Exception as e:  # sqlalchemy raises many kinds; all mean "cannot open this URL"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"--storage {shown(url)!r}: cannot open this database ({_without_password(reason, url)})") \
-            from None
+    # A server may restart under a long search: a pooled connection is checked before it is used.
+    kwargs = {} if url.startswith("sqlite") else {"engine_kwargs": {"pool_pre_ping": True}}
+    for attempt in range(_CREATE_TRIES):
+        try:
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except Exception as e:  # sqlalchemy raises many kinds; all mean "cannot open this URL"
+            if attempt + 1 < _CREATE_TRIES and _created_meanwhile(e):
+                time.sleep(0.2 + random.random())  # another worker is creating the tables: they exist next time
+                continue
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"--storage {shown(url)!r}: cannot open this database "
+                            f"({_without_password(reason, url)})") from None
+    raise AssertionError("unreachable")
+
+
+_CREATE_TRIES = 5
+
+
+def _created_meanwhile(error: Exception) -> bool:
+    """Whether ``error`` says that tables were created by someone else at the same moment (two workers
+    starting on a fresh PostgreSQL database: ``UniqueViolation ... pg_type_typname_nsp_index``)."""
+    text = f"{type(error).__name__} {error}"
+    return any(s in text for s in ("UniqueViolation", "already exists", "duplicate key"))
 
 
 def study_names(storage: optuna.storages.BaseStorage) -> list[str]:

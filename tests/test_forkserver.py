@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from cotune.config import BatchConfig, OptimizerConfig, ParallelConfig, RunConfig, TrialConfig
-from cotune.forkserver import PRELOAD, ForkServer
+from cotune.forkserver import PRELOAD, PRELOAD_CPU, ForkServer
 from cotune.runner import child_env, launch_trial
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -143,13 +143,29 @@ def _wait_for(path: Path, within_s: float = 120.0) -> dict:
     return json.loads(path.read_text())
 
 
-def test_the_server_preloads_neither_triton_nor_a_device() -> None:
-    # Fork is safe only before CUDA is initialised, and TRITON_INTERPRET is read at triton's first import.
+def test_the_server_initialises_no_device_and_imports_triton_only_without_one() -> None:
+    # Fork is safe only before CUDA is initialised; triton, which looks for a driver, is preloaded only by a
+    # torch built without an accelerator runtime.
     code = ("import importlib, sys, torch\n"
-            f"for name in {PRELOAD!r}: importlib.import_module(name)\n"
+            f"for name in {PRELOAD!r} + {PRELOAD_CPU!r}: importlib.import_module(name)\n"
             "sys.exit(('triton' in sys.modules) * 1 + torch.cuda.is_initialized() * 2)")
-    done = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    done = subprocess.run([sys.executable, "-c", code], env={**child_env(), "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=120)
+    import torch
+
+    assert done.returncode == (1 if torch.version.cuda is None and torch.version.hip is None else 0), done.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_trial_whose_triton_mode_differs_from_the_servers_starts_fresh(tmp_path: Path) -> None:
+    # Triton reads TRITON_INTERPRET once, at its first import, which the server did with its own value.
+    env = {**child_env(), "TRITON_INTERPRET": "1"}
+    with ForkServer() as server:
+        assert server.start(env)
+        assert server.start_trial(["--help"], env={**env, "TRITON_INTERPRET": "0"}, log_path=tmp_path / "log") is None
+        same = server.start_trial(["--help"], env=env, log_path=tmp_path / "log")
+        assert same is not None and same.wait(timeout=60) == 0  # argparse's --help, forked
 
 
 @pytest.mark.slow
