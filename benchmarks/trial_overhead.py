@@ -75,7 +75,7 @@ def _measure(args, prepared: Prepared, warm: bool) -> dict[str, float]:
 
         if fork_server is not None:
             t = time.perf_counter()
-            fork_server.start(runner.child_env())
+            fork_server.start(runner.trial_env(prepared.space.hardware.device))  # the env its trials will have
             print(f"fork server ready in {time.perf_counter() - t:.2f} s (once per search)", flush=True)
 
         def run(config, trial_dir):

@@ -87,6 +87,9 @@ def search(
                                   help="Run the space's baseline: config as a new study's first trial (default)."),
     confirm: bool = typer.Option(False, "--confirm", help="When the search ends, rerun the Pareto configs and the "
                                  "baseline with other seeds (as `cotune confirm` does), before any --report."),
+    dead_after: int = typer.Option(60, "--dead-after", min=2, metavar="SECONDS",
+                                   help="A worker whose running trial sent no heartbeat for this long is dead: any "
+                                   "worker closes that trial as interrupted and queues its config again, once."),
     warm_start: bool = typer.Option(True, "--warm-start/--no-warm-start",
                                     help="Fork trials from a server that imported torch once (default; a multi-process "
                                     "trial runs torchrun there with its ranks forked), rather than start each in a "
@@ -144,7 +147,9 @@ def search(
         world_size=world_size, workload=workload_info, data=_data_attrs(data_info), cache_dir=cache_dir,
         early_stopping=Halving() if early_stopping else None, factorise=reuse,
     )
-    opt_study = engine.create_or_resume_study(open_storage(storage), name, settings, baseline=baseline)
+    opt_study = engine.create_or_resume_study(
+        open_storage(storage, dead_after_s=dead_after), name, settings,
+        baseline=baseline)
     if baseline:
         from optuna.trial import TrialState
 
@@ -154,7 +159,8 @@ def search(
             console.print(f"the space's baseline is not run: {opt_study.user_attrs['baseline_not_run']}")
     stale = engine.fail_stale_trials(opt_study)
     if stale:
-        console.print(f"closed {stale} trial(s) left running by an earlier search that was killed")
+        console.print(f"closed {stale} trial(s) left running by a search that died, and queued each launched one "
+                      "again")
     progress = engine.progress_of(opt_study, objective_names, engine.Progress(budget, 0))
     if progress.done >= budget:
         console.print(

@@ -131,11 +131,15 @@ def launch_trial(
 
 
 def _trial_env(config: TrialConfig) -> dict[str, str]:
-    """The trial's environment: :func:`child_env`; a CPU trial runs Triton kernels, if it has any, in
-    Triton's interpreter (read when triton is first imported). Every CPU trial gets it, Triton kernels
-    or not, so all of a CPU search's trials fork from one server that imported triton already."""
+    return trial_env(config.run.device)
+
+
+def trial_env(device: str) -> dict[str, str]:
+    """A trial's environment on ``device``: :func:`child_env`; a CPU trial runs Triton kernels, if it has any,
+    in Triton's interpreter (read when triton is first imported). Every CPU trial gets it, Triton kernels or
+    not, so all of a CPU search's trials fork from one server that imported triton already."""
     env = child_env()
-    if config.run.device == "cpu":
+    if device == "cpu":
         env["TRITON_INTERPRET"] = "1"
     env[SEARCH_PID_ENV] = str(os.getpid())  # a rank that starts after we died exits (cotune.trial.__main__)
     return env

@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -223,16 +225,77 @@ def enqueue_baseline(study: optuna.Study, settings: SearchSettings) -> str:
 
 
 def fail_stale_trials(study: optuna.Study) -> int:
-    """Close RUNNING trials left by a search on this host that no longer exists (killed hard)."""
+    """Close the RUNNING trials of workers that died, as ``interrupted``, and queue each launched one's config
+    once more: on this host, a worker whose process is gone (at once); on any host, one whose trial sent no
+    heartbeat for the storage's grace period (see :class:`heartbeat`). Returns how many this worker closed."""
     host = socket.gethostname()
     closed = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         pid = t.user_attrs.get("search_pid")
         if t.user_attrs.get("host") == host and pid and not _alive(pid):
-            study._storage.set_trial_user_attr(t._trial_id, "status", "interrupted")
-            study.tell(t.number, state=TrialState.FAIL)
-            closed += 1
+            closed += _worker_died(study, t, f"its search (pid {pid} on this host) died while it ran")
+    storage = study._storage
+    if getattr(storage, "get_heartbeat_interval", lambda: None)():
+        # What optuna.storages.fail_stale_trials reads, used here to record why before the trial is failed.
+        for trial_id in storage._get_stale_trial_ids(study._study_id):
+            t = storage.get_trial(trial_id)
+            closed += _worker_died(study, t, f"its search (pid {t.user_attrs.get('search_pid', '?')} on "
+                                             f"{t.user_attrs.get('host', '?')}) sent no heartbeat for "
+                                             f"{getattr(storage, '_backend', storage).grace_period} s: it died, "
+                                             "or lost the database")
     return closed
+
+
+def _worker_died(study: optuna.Study, trial: optuna.trial.FrozenTrial, why: str) -> bool:
+    """Close ``trial``, whose worker died, as interrupted, and queue its config once more if it was launched (a
+    retry is not retried again). False if another worker closed it first."""
+    storage = study._storage
+    try:
+        storage.set_trial_user_attr(trial._trial_id, "status", "interrupted")
+        storage.set_trial_user_attr(trial._trial_id, "reason", why)
+        if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+            return False
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    attrs = trial.user_attrs
+    if attrs.get("launched") and attrs.get("retry_of") is None and trial.params:
+        retry = {"retry_of": trial.number, **({"baseline": True} if attrs.get("baseline") else {})}
+        study.enqueue_trial(trial.params, user_attrs=retry, skip_if_exists=False)
+    return True
+
+
+class heartbeat:  # noqa: N801  (a context manager, used as ``with heartbeat(study, trial):``)
+    """While a trial is in hand, record its heartbeat in the storage every interval (a thread), if the storage
+    has one (``open_storage(url, dead_after_s=...)``); other workers fail the trial when it stops."""
+
+    def __init__(self, study: optuna.Study, trial: optuna.Trial) -> None:
+        self.storage, self.trial_id = study._storage, trial._trial_id
+        get = getattr(self.storage, "get_heartbeat_interval", None)
+        self.interval = get() if get is not None else None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> heartbeat:
+        if self.interval:
+            self._beat()
+            self._thread = threading.Thread(target=self._run, name="cotune-heartbeat", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._beat()
+
+    def _beat(self) -> None:
+        try:
+            self.storage.record_heartbeat(self.trial_id)
+        except Exception:  # the database restarting: the next beat, or the grace period, decides
+            pass
 
 
 def _alive(pid: int) -> bool:
@@ -301,7 +364,14 @@ def run_search(
     """
     progress = progress_of(study, settings.objectives, Progress(settings.budget, 0))
     cap = settings.infeasible_cap if settings.infeasible_cap is not None else 10 * settings.budget
-    while launched(study.get_trials(deepcopy=False)) < settings.budget:
+    while True:
+        fail_stale_trials(study)  # a dead worker's trial is closed and its config queued again
+        trials = study.get_trials(deepcopy=False)
+        if launched(trials) >= settings.budget:
+            if not any(t.state == TrialState.RUNNING and t.user_attrs.get("launched") for t in trials):
+                break
+            time.sleep(_OTHERS_S)  # other workers' last trials: if one's worker dies, its retry is ours
+            continue
         time_to_loss.check_loss_target(study, settings.objectives, settings.space_path)
         if progress.infeasible_here >= cap:
             progress.stopped = (
@@ -309,9 +379,12 @@ def run_search(
                 f"search: the space is mostly infeasible on this hardware; widen the knobs or loosen its constraints "
                 f"(`cotune trials` gives each one's reason)")
             break
-        trial = study.ask()
+        with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize": cotune beats it itself
+            warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+            trial = study.ask()
         try:
-            result = _ask_run_record(study, trial, settings, run_fn, on_start)
+            with heartbeat(study, trial):
+                result = _ask_run_record(study, trial, settings, run_fn, on_start)
         except BudgetSpent as spent:
             _close(study, trial, "interrupted", str(spent))
             break
@@ -336,6 +409,7 @@ class BudgetSpent(Exception):
 
 
 _DECIDE_S = 10.0  # how long an earlier trial may take to be launched or recorded before it counts as neither
+_OTHERS_S = 1.0  # with the budget launched, how often a worker looks at the trials other workers still run
 
 
 def launched(trials: list[optuna.trial.FrozenTrial]) -> int:

@@ -11,6 +11,7 @@ import dataclasses
 import random
 import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,14 +65,22 @@ def check_storage_url(url: str) -> None:
         raise UserError(f"--storage {shown(url)!r}: the folder {Path(db).parent} does not exist")
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """An Optuna storage for ``url``; a URL it cannot open is the user's error (the --storage flag)."""
+def open_storage(url: str, *, dead_after_s: int | None = None) -> optuna.storages.BaseStorage:
+    """An Optuna storage for ``url``; a URL it cannot open is the user's error (the --storage flag).
+
+    With ``dead_after_s`` a search records each running trial's heartbeat (every sixth of it, at least
+    1 s), and a trial whose heartbeat is older than that is closed by any worker (cotune.search).
+    """
     check_storage_url(url)
     # A server may restart under a long search: a pooled connection is checked before it is used.
-    kwargs = {} if url.startswith("sqlite") else {"engine_kwargs": {"pool_pre_ping": True}}
+    kwargs: dict[str, Any] = {} if url.startswith("sqlite") else {"engine_kwargs": {"pool_pre_ping": True}}
+    if dead_after_s is not None:
+        kwargs.update(heartbeat_interval=max(1, dead_after_s // 6), grace_period=dead_after_s)
     for attempt in range(_CREATE_TRIES):
         try:
-            return optuna.storages.RDBStorage(url, **kwargs)
+            with warnings.catch_warnings():  # the heartbeat's arguments are marked experimental
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, **kwargs)
         except Exception as e:  # sqlalchemy raises many kinds; all mean "cannot open this URL"
             if attempt + 1 < _CREATE_TRIES and _created_meanwhile(e):
                 time.sleep(0.2 + random.random())  # another worker is creating the tables: they exist next time

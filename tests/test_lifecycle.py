@@ -60,6 +60,8 @@ def test_sigkill_of_the_search_takes_the_trial_tree_with_it(space, tmp_path, sta
     search = _search(space, tmp_path, *(["--no-warm-start"] if start == "fresh" else []))
     try:
         tree = _trial_tree(search)
+        # Warm: torchrun and its ranks were forked from the fork server, not started by the search itself.
+        assert all(p.ppid() != search.pid for p in tree) == (start == "warm")
         search.send_signal(signal.SIGKILL)
         search.wait()
         _, alive = psutil.wait_procs(tree, timeout=10)

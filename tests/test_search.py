@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -398,3 +399,32 @@ def test_a_baseline_against_a_knob_the_space_fixes_is_not_queued(fingerprint, tm
                                               f"w{len(why)}", s)
         assert search.enqueue_baseline(study, s).startswith(why)
         assert study.get_trials(deepcopy=False) == []
+
+
+def test_a_worker_that_stops_sending_heartbeats_anywhere_has_its_trial_closed_and_retried_once(fingerprint, tmp_path):
+    from cotune.study import open_storage
+
+    s = settings(fingerprint, tmp_path, budget=3)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = search.create_or_resume_study(open_storage(url, dead_after_s=2), "t", s)
+    # A worker on another host launched a trial, beat once, then vanished (its host went down).
+    lost = study.ask()
+    knobs = derive.suggest(lost, s.space, s.native_precisions, study.user_attrs.get("precision_choices"),
+                           world_size=s.world_size)
+    lost.set_user_attr("host", "a-host-that-died")
+    lost.set_user_attr("search_pid", 1)
+    lost.set_user_attr("launched", True)
+    study._storage.record_heartbeat(lost._trial_id)
+    assert search.launched(study.get_trials()) == 1  # it counts while it might still run
+    time.sleep(3.5)
+    runs = []
+    progress = search.run_search(study, s, lambda c, d: runs.append(c) or fake_trial(c, d))
+    trials = study.get_trials()
+    assert trials[0].user_attrs["status"] == "interrupted"
+    assert "sent no heartbeat for 2 s" in trials[0].user_attrs["reason"]
+    retry = trials[1]
+    assert retry.user_attrs["retry_of"] == 0 and retry.params == trials[0].params
+    assert derive.knobs_of_params(retry.params) == derive.knobs_of_params(trials[0].params) and knobs
+    assert progress.done == 3 and len(runs) == 3  # the retry and two more: the budget, exactly
+    # Each trial this worker ran beat its heartbeat; none is left running.
+    assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))

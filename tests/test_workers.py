@@ -3,7 +3,7 @@
 Each worker is the real command line in its own process, started at the same moment as the
 others on a fresh database: they share the study, launch exactly --budget trials between
 them, never print the storage's password, and a worker killed mid-trial leaves nothing
-running; the next search resumes to the exact budget.
+running: the live workers close its trial and run that config again, so the budget is exact.
 """
 
 from __future__ import annotations
@@ -116,6 +116,10 @@ def test_a_worker_killed_mid_trial_leaves_nothing_running_and_a_restart_resumes_
     assert len(_launched(url, "shared")) == 9
     interrupted = [t for t in study.get_trials() if t.user_attrs.get("status") == "interrupted"]
     assert [t.user_attrs["search_pid"] for t in interrupted] == [victim.pid]
+    # A live worker on this host noticed at once, and ran that config again.
+    (retry,) = [t for t in study.get_trials() if t.user_attrs.get("retry_of") is not None]
+    assert retry.user_attrs["retry_of"] == interrupted[0].number and retry.params == interrupted[0].params
+    assert retry.user_attrs["status"] in ("ok", "pruned", "oom", "timeout", "crash", "diverged")
     assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
 
 
