@@ -19,7 +19,7 @@ import pytest
 
 from cotune.config import BatchConfig, OptimizerConfig, ParallelConfig, RunConfig, TrialConfig
 from cotune.forkserver import PRELOAD, PRELOAD_CPU, ForkServer
-from cotune.runner import child_env, launch_trial
+from cotune.runner import child_env, launch_trial, trial_env
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -248,7 +248,7 @@ def test_when_the_server_dies_its_trial_is_a_crash_and_the_next_trials_start_fre
     tmp_path: Path, cache: Path, faulty: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     with ForkServer() as server:
-        assert server.start(child_env())
+        assert server.start(trial_env("cpu"))  # the environment its trials have, so the trial is forked
         server_pid = server.pid
 
         def kill_the_server() -> None:
