@@ -147,8 +147,9 @@ def test_a_real_trial_reports_each_rung_and_a_stopped_one_ends_there(tmp_path, c
     from cotune.trial.train import rung_steps
     from tests.test_trial import BASE, with_
 
-    # 200 steps, rungs after steps 25 and 100: the 175 steps after the first outlast the runner's half-second look.
-    config = with_(BASE, run={"rung_fractions": (1 / 8, 1 / 2), "token_budget": 8 * 64 * 200})
+    # 200 steps, rungs after steps 25 and 100: the 175 steps after the first outlast the runner's look (every 0.1 s).
+    # A generous timeout: on a loaded machine (CI beside other work) 200 steps can take minutes.
+    config = with_(BASE, run={"rung_fractions": (1 / 8, 1 / 2), "token_budget": 8 * 64 * 200, "timeout_s": 600})
     assert rung_steps(config) == {25: 0, 100: 1}
     heard: list[dict] = []
     full = launch_trial(config, tmp_path / "full", cache_dir=cache, on_rung=lambda r: heard.append(r) or "")
