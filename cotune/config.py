@@ -219,7 +219,10 @@ def _from_dict(cls: type, data: Any, where: str) -> Any:
             continue
         sub = _SECTIONS.get(name) if cls is TrialConfig else None
         values[name] = _from_dict(sub, data[name], f"{where}.{name}") if sub else data[name]
-    return cls(**values)
+    try:
+        return cls(**values)
+    except (TypeError, ArithmeticError) as e:  # a value of the wrong type, as the fields' checks meet it
+        raise ValueError(f"{where}: {e}") from None
 
 
 _ADDED_LATER = {"rung_fractions", "measure_only"}
