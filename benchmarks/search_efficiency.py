@@ -59,7 +59,6 @@ class Engine:
     stop: bool = False
     reuse: bool = False
     warm: bool = True
-    eta: int = 3  # early stopping keeps the top 1/eta at each of the table's rungs (1/9, 1/3)
 
 
 ENGINES = {
@@ -192,7 +191,7 @@ def replay(table: Table, engine: Engine, seed: int, budget: int, prepared: Prepa
     settings = prepared.settings(
         budget=budget, runs_dir=Path("/nonexistent"), seed=seed,
         sampler="tpe" if engine.sampler in ("cotune", "tpe") else engine.sampler,  # cotune.samplers' own
-        early_stopping=Halving(eta=engine.eta) if engine.stop else None, factorise=engine.reuse)
+        early_stopping=Halving() if engine.stop else None, factorise=engine.reuse)
     study = search.create_or_resume_study(optuna.storages.InMemoryStorage(), "replay", settings)
     if engine.sampler == "tpe":  # Optuna's TPE as it comes, not cotune's (multivariate, grouped)
         study.sampler = optuna.samplers.TPESampler(seed=seed)

@@ -46,8 +46,7 @@ def run_mode(mode: str, args, prepared: Prepared, folder: Path):
     settings = prepared.settings(budget=args.budget, runs_dir=folder / "runs", sampler="tpe", seed=args.seed,
                                  cache_dir=cache_dir, early_stopping=Halving() if early else None, factorise=reuse)
     study = search.create_or_resume_study(optuna.storages.RDBStorage(f"sqlite:///{folder}/bench.db"), "bench",
-                                          settings)
-    search.enqueue_baseline(study, settings)
+                                          settings, baseline=True)
     fork_server = runner.ForkServer(folder / "fork-server.log")
 
     def run(config, trial_dir, on_rung=None):

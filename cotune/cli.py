@@ -107,7 +107,7 @@ def search(
     """Run real, measured training trials until the study holds BUDGET of them."""
     _quiet_optuna()
     from cotune import data as data_mod
-    from cotune import hardware, runner
+    from cotune import hardware, runner, workers
     from cotune import search as engine
     from cotune.early_stop import Halving
     from cotune.space import default_space_path, load_space
@@ -157,7 +157,7 @@ def search(
             console.print("trial 0 runs the space's baseline config, so the report measures every config against it")
         elif opt_study.user_attrs.get("baseline_not_run") and not opt_study.get_trials(deepcopy=False):
             console.print(f"the space's baseline is not run: {opt_study.user_attrs['baseline_not_run']}")
-    stale = engine.fail_stale_trials(opt_study)
+    stale = workers.fail_stale_trials(opt_study)
     if stale:
         console.print(f"closed {stale} trial(s) left running by a search that died, and queued each launched one "
                       "again")

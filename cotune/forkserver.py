@@ -417,6 +417,17 @@ def _apply_env() -> None:
         torch.set_num_threads(int(threads))
 
 
+def alive(pid: int) -> bool:
+    """Whether the process ``pid`` still runs (one we may not signal counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def die_with_parent(parent_pid: int) -> None:
     """SIGKILL this process when its parent dies (Linux); if the parent is gone already, exit now."""
     if sys.platform.startswith("linux"):

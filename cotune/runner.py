@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -31,7 +32,7 @@ from typing import Any
 import psutil
 
 from cotune.config import TrialConfig, TrialResult
-from cotune.forkserver import ForkedTrial, ForkServer
+from cotune.forkserver import ForkedTrial, ForkServer, die_with_parent
 
 KILL_GRACE_S = 2.0  # SIGTERM -> SIGKILL: time for a clean exit, short enough not to stall the search
 ERROR_TAIL_LINES = 20
@@ -124,14 +125,10 @@ def launch_trial(
         result_path=result_path,
         log_path=trial_dir / "log.txt",
         timeout_s=config.run.timeout_s,
-        env=_trial_env(config),
+        env=trial_env(config.run.device),
         fork_server=fork_server,
         progress=RungReports(progress_path, on_rung) if progress_path is not None else None,
     )
-
-
-def _trial_env(config: TrialConfig) -> dict[str, str]:
-    return trial_env(config.run.device)
 
 
 def trial_env(device: str) -> dict[str, str]:
@@ -311,15 +308,8 @@ def _start_fresh(argv: list[str], env: dict[str, str], log_path: Path, cwd: Path
             env=env,
             start_new_session=True,  # own session and group: pgid == proc.pid
             # Killed with us, even by SIGKILL (Linux; kept across exec): torchrun too, whose ranks die with it.
-            preexec_fn=_die_with_us if sys.platform.startswith("linux") else None,
+            preexec_fn=functools.partial(die_with_parent, os.getpid()),
         )
-
-
-def _die_with_us() -> None:
-    """In the child between fork and exec: SIGKILL when the search (its parent) dies."""
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 def _fork(server: ForkServer, argv: list[str], env: dict[str, str], log_path: Path, cwd: Path | None):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from cotune import __version__, derive, early_stop, factorise, hardware, memory, time_to_loss
+from cotune import __version__, derive, early_stop, factorise, hardware, memory, time_to_loss, workers
 from cotune.config import STATUSES, KernelConfig, TrialConfig, TrialResult
 from cotune.errors import Terminated, UserError
 from cotune.samplers import SAMPLERS
@@ -136,7 +135,6 @@ def create_or_resume_study(
     }
     if settings.space.loss_target is not None:  # otherwise the baseline's loss, once it is measured
         attrs["loss_target"] = {"value": settings.space.loss_target, "source": "the space's loss_target"}
-    attrs["created_by"] = {"host": socket.gethostname(), "pid": os.getpid()}
     version = attrs.pop("cotune_version")  # written last: a worker loading the study waits for it
     for key, value in attrs.items():
         study.set_user_attr(key, value)
@@ -200,10 +198,6 @@ def enqueue_baseline(study: optuna.Study, settings: SearchSettings) -> str:
         return "the space declares no baseline"
     if study.get_trials(deepcopy=False):
         return "the study holds trials already"
-    creator = study.user_attrs.get("created_by") or {}
-    if creator and (creator.get("host"), creator.get("pid")) != (socket.gethostname(), os.getpid()) and (
-            creator.get("host") != socket.gethostname() or _alive(creator["pid"])):
-        return "the study holds trials already"  # its creator, a worker still running, queues the baseline
     # The baseline's knob values, as derive fills what it leaves out; its params are what suggest would ask.
     tiles = {f.name: f.default for f in fields(KernelConfig) if f.name in derive.KNOBS}
     values = {**derive.DEFAULTS, **tiles, "world_size": settings.world_size, **declared}
@@ -222,90 +216,6 @@ def enqueue_baseline(study: optuna.Study, settings: SearchSettings) -> str:
         return answers.problem
     study.enqueue_trial(answers.params, user_attrs={"baseline": True})
     return ""
-
-
-def fail_stale_trials(study: optuna.Study) -> int:
-    """Close the RUNNING trials of workers that died, as ``interrupted``, and queue each launched one's config
-    once more: on this host, a worker whose process is gone (at once); on any host, one whose trial sent no
-    heartbeat for the storage's grace period (see :class:`heartbeat`). Returns how many this worker closed."""
-    host = socket.gethostname()
-    closed = 0
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        pid = t.user_attrs.get("search_pid")
-        if t.user_attrs.get("host") == host and pid and not _alive(pid):
-            closed += _worker_died(study, t, f"its search (pid {pid} on this host) died while it ran")
-    storage = study._storage
-    if getattr(storage, "get_heartbeat_interval", lambda: None)():
-        # What optuna.storages.fail_stale_trials reads, used here to record why before the trial is failed.
-        for trial_id in storage._get_stale_trial_ids(study._study_id):
-            t = storage.get_trial(trial_id)
-            closed += _worker_died(study, t, f"its search (pid {t.user_attrs.get('search_pid', '?')} on "
-                                             f"{t.user_attrs.get('host', '?')}) sent no heartbeat for "
-                                             f"{getattr(storage, '_backend', storage).grace_period} s: it died, "
-                                             "or lost the database")
-    return closed
-
-
-def _worker_died(study: optuna.Study, trial: optuna.trial.FrozenTrial, why: str) -> bool:
-    """Close ``trial``, whose worker died, as interrupted, and queue its config once more if it was launched (a
-    retry is not retried again). False if another worker closed it first."""
-    storage = study._storage
-    try:
-        storage.set_trial_user_attr(trial._trial_id, "status", "interrupted")
-        storage.set_trial_user_attr(trial._trial_id, "reason", why)
-        if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
-            return False
-    except optuna.exceptions.UpdateFinishedTrialError:
-        return False
-    attrs = trial.user_attrs
-    if attrs.get("launched") and attrs.get("retry_of") is None and trial.params:
-        retry = {"retry_of": trial.number, **({"baseline": True} if attrs.get("baseline") else {})}
-        study.enqueue_trial(trial.params, user_attrs=retry, skip_if_exists=False)
-    return True
-
-
-class heartbeat:  # noqa: N801  (a context manager, used as ``with heartbeat(study, trial):``)
-    """While a trial is in hand, record its heartbeat in the storage every interval (a thread), if the storage
-    has one (``open_storage(url, dead_after_s=...)``); other workers fail the trial when it stops."""
-
-    def __init__(self, study: optuna.Study, trial: optuna.Trial) -> None:
-        self.storage, self.trial_id = study._storage, trial._trial_id
-        get = getattr(self.storage, "get_heartbeat_interval", None)
-        self.interval = get() if get is not None else None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> heartbeat:
-        if self.interval:
-            self._beat()
-            self._thread = threading.Thread(target=self._run, name="cotune-heartbeat", daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._beat()
-
-    def _beat(self) -> None:
-        try:
-            self.storage.record_heartbeat(self.trial_id)
-        except Exception:  # the database restarting: the next beat, or the grace period, decides
-            pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass
@@ -332,13 +242,13 @@ class Progress:
 
 def progress_of(study: optuna.Study, objectives: list[str], progress: Progress) -> Progress:
     """Refresh counts, Pareto size and the best value of each objective from the study."""
-    trials = counted_trials(study)
+    every = study.get_trials(deepcopy=False)
+    trials = counted_trials(every)
     progress.done = sum(t.user_attrs["status"] != "infeasible" for t in trials)
     progress.by_status = {s: 0 for s in STATUSES}
     for t in trials:
         progress.by_status[t.user_attrs["status"]] += 1
-    progress.running = sum(t.state == TrialState.RUNNING and bool(t.user_attrs.get("launched"))
-                           for t in study.get_trials(deepcopy=False))
+    progress.running = workers.running(every)
     progress.pareto_size = len(pareto_trials(study))
     for i, name in enumerate(objectives):
         values = [t.values[i] for t in trials if t.state == TrialState.COMPLETE]
@@ -365,12 +275,12 @@ def run_search(
     progress = progress_of(study, settings.objectives, Progress(settings.budget, 0))
     cap = settings.infeasible_cap if settings.infeasible_cap is not None else 10 * settings.budget
     while True:
-        fail_stale_trials(study)  # a dead worker's trial is closed and its config queued again
+        workers.fail_stale_trials(study)  # a dead worker's trial is closed and its config queued again
         trials = study.get_trials(deepcopy=False)
-        if launched(trials) >= settings.budget:
-            if not any(t.state == TrialState.RUNNING and t.user_attrs.get("launched") for t in trials):
+        if workers.launched(trials) >= settings.budget:
+            if not workers.running(trials):
                 break
-            time.sleep(_OTHERS_S)  # other workers' last trials: if one's worker dies, its retry is ours
+            time.sleep(workers.OTHERS_S)  # other workers' last trials: if one's worker dies, its retry is ours
             continue
         time_to_loss.check_loss_target(study, settings.objectives, settings.space_path)
         if progress.infeasible_here >= cap:
@@ -383,9 +293,9 @@ def run_search(
             warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
             trial = study.ask()
         try:
-            with heartbeat(study, trial):
+            with workers.Heartbeat(study, trial):
                 result = _ask_run_record(study, trial, settings, run_fn, on_start)
-        except BudgetSpent as spent:
+        except workers.BudgetSpent as spent:
             _close(study, trial, "interrupted", str(spent))
             break
         except KeyboardInterrupt as e:
@@ -402,52 +312,6 @@ def run_search(
             progress.ran_here += 1
         on_done(progress_of(study, settings.objectives, progress), result)
     return progress
-
-
-class BudgetSpent(Exception):
-    """Other workers launched the study's budget while this one held a trial: it is closed, not run."""
-
-
-_DECIDE_S = 10.0  # how long an earlier trial may take to be launched or recorded before it counts as neither
-_OTHERS_S = 1.0  # with the budget launched, how often a worker looks at the trials other workers still run
-
-
-def launched(trials: list[optuna.trial.FrozenTrial]) -> int:
-    """Trials that count against the budget: recorded as launched (any status but infeasible), or running and
-    claimed (``launched`` set just before its worker started it), whichever worker has them."""
-    return sum(_counts(t) is True for t in trials)
-
-
-def _counts(t: optuna.trial.FrozenTrial) -> bool | None:
-    """True: counts against the budget; False: does not; None: undecided (being asked or derived)."""
-    status = t.user_attrs.get("status")
-    if status is not None:
-        return status in STATUSES and status != "infeasible"
-    if t.state != TrialState.RUNNING:
-        return False  # closed without a status (an older cotune, or by hand)
-    return True if t.user_attrs.get("launched") else None
-
-
-def claim_slot(study: optuna.Study, trial: optuna.Trial, budget: int) -> None:
-    """Claim one of the budget's launches for ``trial`` before it starts, or raise :class:`BudgetSpent`.
-
-    Trial numbers are handed out in order under a lock on the study (Optuna's RDB storage), so
-    every trial numbered below this one is visible here: it runs only if fewer than ``budget`` of
-    those count. Several workers on one study therefore launch exactly ``budget`` trials between
-    them. An earlier trial still being derived is waited for (milliseconds), at most ``_DECIDE_S``:
-    one whose worker died before deciding never launches.
-    """
-    trial.set_user_attr("launched", True)
-    deadline = time.monotonic() + _DECIDE_S
-    while True:
-        earlier = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number]
-        verdicts = [_counts(t) for t in earlier]
-        if None not in verdicts or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    if sum(v is True for v in verdicts) >= budget:
-        raise BudgetSpent(f"not run: the study's budget of {budget} launched trials was spent by other workers "
-                          "while this one asked")
 
 
 def _ask_run_record(study: optuna.Study, trial: optuna.Trial, settings: SearchSettings, run_fn: RunFn,
@@ -482,7 +346,7 @@ def _ask_run_record(study: optuna.Study, trial: optuna.Trial, settings: SearchSe
         on_start(trial.number, config)
         result = TrialResult(status="infeasible", reason=reason)
     else:
-        claim_slot(study, trial, settings.budget)
+        workers.claim_slot(study, trial, settings.budget)
         on_start(trial.number, config)
         config, result, measured = _launch(study, trial, config, settings, run_fn)
     # Feasibility is a constraint the samplers learn from (<= 0: feasible): 1 for a broken rule, the share

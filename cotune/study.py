@@ -135,9 +135,11 @@ def objectives_of(study: optuna.Study) -> list[str]:
     return list(study.user_attrs.get("objectives", ["tokens_per_second", "val_loss"]))
 
 
-def counted_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Trials that ended with a cotune status: what the budget counts."""
-    return [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("status") in STATUSES]
+def counted_trials(study: optuna.Study | list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """Trials (of a study, or of a list already read from one) that ended with a cotune status: what the budget
+    counts."""
+    trials = study if isinstance(study, list) else study.get_trials(deepcopy=False)
+    return [t for t in trials if t.user_attrs.get("status") in STATUSES]
 
 
 def pareto_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:

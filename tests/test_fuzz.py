@@ -8,6 +8,7 @@ itself; the study they read is a real SQLite study written by the search loop.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -62,12 +63,13 @@ def _mutate(tree: dict, path: tuple, action: str, value) -> dict:
     return tree
 
 
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    """``cotune ARGV`` in this process: (exit code, stdout, stderr)."""
+def _run(capsys, *argv: str, cwd: Path | None = None) -> tuple[int, str, str]:
+    """``cotune ARGV`` in this process, in ``cwd`` (where a command writes what it writes by default, such as
+    reports/): (exit code, stdout, stderr)."""
     saved = sys.argv
     sys.argv = ["cotune", *argv]
     try:
-        with pytest.raises(SystemExit) as done:
+        with pytest.raises(SystemExit) as done, contextlib.chdir(cwd or Path.cwd()):
             cli.main()
     finally:
         sys.argv = saved
@@ -153,6 +155,14 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _study_copy(study_db: Path, tmp_path_factory, name: str) -> tuple[Path, Path, str]:
+    """A fresh folder holding a copy of the study: (folder, database, the database's digest)."""
+    work = tmp_path_factory.mktemp(name)
+    db = work / "cotune.db"
+    shutil.copy(study_db, db)
+    return work, db, _digest(db)
+
+
 VALUES = st.one_of(st.text(max_size=16), st.integers(-5, 10**6).map(str), st.sampled_from(
     ["", "-1", "0", "nan", "inf", "knee", "trial:3", "trial:x", "json", "hf", "sqlite:///", "sqlite:////no/such/dir/x.db",
      "postgresql://u:secret@127.0.0.1:1/db", "cpu-tiny-gpt", "../x", "throughput,loss", "loss,loss"]))
@@ -165,10 +175,7 @@ COMMANDS = {
 @FUZZ
 @given(data=st.data())
 def test_fuzzed_flags_of_the_reading_commands_never_change_the_study(study_db, tmp_path_factory, capsys, data):
-    work = tmp_path_factory.mktemp("cmd")
-    db = work / "cotune.db"
-    shutil.copy(study_db, db)
-    before = _digest(db)
+    work, db, before = _study_copy(study_db, tmp_path_factory, "cmd")
     command = data.draw(st.sampled_from(sorted(COMMANDS)))
     storage = data.draw(st.one_of(st.just(f"sqlite:///{db}"), VALUES))
     argv = [command, "--storage", storage]
@@ -181,7 +188,7 @@ def test_fuzzed_flags_of_the_reading_commands_never_change_the_study(study_db, t
             argv += [flag, data.draw(VALUES)]
     if command == "export" and "--format" not in argv:
         argv += ["--format", "json"]
-    code, out, err = _run(capsys, *argv)
+    code, out, err = _run(capsys, *argv, cwd=work)
     _one_error_line(code, out, err)
     _password_not_shown(argv, out + err)
     assert _digest(db) == before
@@ -197,16 +204,13 @@ def _password_not_shown(argv: list[str], output: str) -> None:
 @given(data=st.data())
 def test_fuzzed_search_flags_are_one_error_line_and_leave_the_study_alone(study_db, tmp_path_factory, capsys, data):
     # The budget is at most what the study holds, so an accepted command finds it spent and runs nothing.
-    work = tmp_path_factory.mktemp("search")
-    db = work / "cotune.db"
-    shutil.copy(study_db, db)
-    before = _digest(db)
+    work, db, before = _study_copy(study_db, tmp_path_factory, "search")
     argv = ["search", "--storage", f"sqlite:///{db}", "--budget", data.draw(st.sampled_from(["6", "0", "-3", "x", "5"]))]
     # (Not --study: a new name is a new study, which a valid command would start searching.)
     for flag in data.draw(st.lists(st.sampled_from(["--objectives", "--sampler", "--seed", "--space", "--data",
                                                     "--dead-after"]), unique=True, max_size=3)):
         argv += [flag, data.draw(VALUES)]
-    code, out, err = _run(capsys, *argv)
+    code, out, err = _run(capsys, *argv, cwd=work)
     _one_error_line(code, out, err)
     _password_not_shown(argv, out + err)
     if code == 2:

@@ -10,7 +10,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from cotune import derive, search
+from cotune import derive, search, workers
 from cotune.config import STATUSES, TrialConfig, TrialResult
 from cotune.errors import UserError
 from cotune.samplers import SAMPLERS
@@ -318,7 +318,7 @@ def test_trials_left_running_by_a_killed_search_are_closed(fingerprint, tmp_path
     alive.set_user_attr("host", socket.gethostname())
     alive.set_user_attr("search_pid", __import__("os").getpid())
 
-    assert search.fail_stale_trials(study) == 1
+    assert workers.fail_stale_trials(study) == 1
     states = {t.number: (t.state, t.user_attrs.get("status")) for t in study.get_trials()}
     assert states[orphan.number] == (optuna.trial.TrialState.FAIL, "interrupted")
     assert states[alive.number] == (optuna.trial.TrialState.RUNNING, None)
@@ -409,13 +409,14 @@ def test_a_worker_that_stops_sending_heartbeats_anywhere_has_its_trial_closed_an
     study = search.create_or_resume_study(open_storage(url, dead_after_s=2), "t", s)
     # A worker on another host launched a trial, beat once, then vanished (its host went down).
     lost = study.ask()
+    # The lost trial's params, as its worker asked them before launching.
     knobs = derive.suggest(lost, s.space, s.native_precisions, study.user_attrs.get("precision_choices"),
                            world_size=s.world_size)
     lost.set_user_attr("host", "a-host-that-died")
     lost.set_user_attr("search_pid", 1)
     lost.set_user_attr("launched", True)
     study._storage.record_heartbeat(lost._trial_id)
-    assert search.launched(study.get_trials()) == 1  # it counts while it might still run
+    assert workers.launched(study.get_trials()) == 1  # it counts while it might still run
     time.sleep(3.5)
     runs = []
     progress = search.run_search(study, s, lambda c, d: runs.append(c) or fake_trial(c, d))

@@ -19,7 +19,7 @@ import optuna
 import psutil
 import pytest
 
-from cotune import search
+from cotune import workers
 from cotune.config import TrialResult
 from cotune.study import counted_trials
 from tests.conftest import CPU_SPACE
@@ -134,7 +134,7 @@ WORKER = """
 import sys, time
 from pathlib import Path
 import optuna
-from cotune import search
+from cotune import search, workers
 from cotune.hardware import fingerprint
 from cotune.space import load_space
 from cotune.study import open_storage
@@ -171,4 +171,4 @@ def test_the_budget_is_exact_however_the_workers_race(postgres, tmp_path):
         assert len(launched) == 9, f"round {round_}: {len(launched)} launched"
         assert sum(bool(t.user_attrs.get("baseline")) for t in launched) == 1
         assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
-        assert search.launched(study.get_trials()) == 9
+        assert workers.launched(study.get_trials()) == 9

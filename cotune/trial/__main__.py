@@ -19,7 +19,7 @@ import traceback
 from pathlib import Path
 
 from cotune.errors import UserError
-from cotune.forkserver import die_with_parent
+from cotune.forkserver import alive, die_with_parent
 
 ERROR_TAIL_LINES = 30
 
@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     # The trial dies with whatever started it (the search, the fork server, torchrun's agent), even by SIGKILL;
     # a rank whose torchrun died before this line has lost its search too (torchrun dies with the search).
     die_with_parent(os.getppid())
-    if not _alive(os.environ.get("COTUNE_SEARCH_PID")):
+    search_pid = os.environ.get("COTUNE_SEARCH_PID", "")
+    if search_pid.isdigit() and not alive(int(search_pid)):
         print("cotune trial: the search that started this trial is gone; exiting", file=sys.stderr)
         return 1
 
@@ -79,19 +80,6 @@ def main(argv: list[str] | None = None) -> int:
         result.save(rank_path)
         return 1
     return 0
-
-
-def _alive(pid: str | None) -> bool:
-    """Whether the process ``pid`` still runs (True without a pid: a trial run by hand)."""
-    if not pid:
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, ValueError):
-        return True
-    return True
 
 
 if __name__ == "__main__":
