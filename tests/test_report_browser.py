@@ -14,12 +14,15 @@ from pathlib import Path
 import optuna
 import pytest
 
-from cotune import confirm
+from cotune import confirm, search
+from cotune.config import TrialResult
 from cotune.report import report_info
 from cotune.report.render import write_report
+from cotune.space import load_space
 from cotune.study import distinct_configs, pareto_trials
+from tests.conftest import CPU_SPACE
 from tests.test_confirm import noisy_run, seeded_study
-from tests.test_report import always_failing, fake_study
+from tests.test_report import always_failing, fake_run, fake_study
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -75,6 +78,9 @@ def open_page(html: Path, screenshot: Path):
                     failure_rows: document.querySelectorAll('#failures tbody tr').length,
                     plots: document.querySelectorAll('.js-plotly-plot').length,
                     title: document.title,
+                    pwned: window.__pwned === undefined ? null : window.__pwned,
+                    bold: Array.from(document.querySelectorAll('b')).filter(b => b.textContent === 'bold').length,
+                    text: document.body.innerText,
                 };
             }""")
             if facts["pick_rows"] > 1:  # sorting by validation loss puts the lowest first
@@ -125,3 +131,39 @@ def test_report_with_nothing_ok_in_chromium(fingerprint, tmp_path):
     assert errors == [] and requests == [html.as_uri()]
     assert facts["pareto_points"] is None and facts["pick_rows"] == 0
     assert facts["failure_rows"] == 6
+
+
+# Markup that runs, or fetches, if any string reaches the page unescaped: in text, in an attribute, in a
+# figure's JSON inside a <script>, or in the <title>.
+PAYLOAD = ('</title></script><script>window.__pwned = 1</script>'
+           '<img src="x" onerror="window.__pwned = 2">"\'><b>bold</b>')
+
+
+def test_hostile_strings_in_a_study_are_shown_as_text_in_chromium(fingerprint, tmp_path):
+    # The strings a user controls, or that come from their machine or their trials: the study name, the
+    # space's path and its data path (in every trial's config), the data source, the CPU model, and a failed
+    # trial's reason and error tail.
+    space = load_space(CPU_SPACE)
+    hostile = space.model_copy(update={"workload": space.workload.model_copy(update={"data": f"data/{PAYLOAD}.txt"})})
+    fp = {**fingerprint, "hardware": {**fingerprint["hardware"], "cpu_model": PAYLOAD}}
+    settings = search.SearchSettings(
+        space=hostile, space_path=f"spaces/{PAYLOAD}.yaml", objectives=list(space.objectives), budget=6,
+        fingerprint=fp, vocab_size=256, runs_dir=tmp_path / "runs", seed=0, data={"source": PAYLOAD},
+        world_size=search.check_hardware(space, str(CPU_SPACE), fingerprint))
+
+    def run(config, trial_dir):
+        if int(trial_dir.name.rsplit("-", 1)[1]) % 2:
+            return TrialResult(status="crash", reason=PAYLOAD, error_tail=f"RuntimeError: {PAYLOAD}")
+        return fake_run(config, trial_dir)
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'hostile.db'}")
+    study = search.create_or_resume_study(storage, PAYLOAD, settings)
+    search.run_search(study, settings, run)
+    html = write_report(report_info(study), tmp_path / "hostile.html")
+    facts, errors, requests = open_page(html, tmp_path / "hostile.png")
+    assert errors == []
+    assert requests == [html.as_uri()]  # the <img> was never made, so it fetched nothing
+    assert facts["pwned"] is None and facts["bold"] == 0  # no script ran, no markup was parsed
+    assert PAYLOAD in facts["title"]  # shown as the text it is
+    assert facts["text"].count(PAYLOAD) >= 4  # heading, data path, CPU model, failures table
+    assert facts["pareto_points"] and facts["failure_rows"] == 3
