@@ -98,6 +98,9 @@ def search(
                                         help="Stop a trial at 1/9 or 1/3 of its token budget unless it ranks in the "
                                         "top third, by Pareto rank with its loss there, of the trials that got that "
                                         "far (default); it is recorded as pruned, never on the front."),
+    jobs: int = typer.Option(1, "--jobs", min=1, metavar="N",
+                             help="Run N trials at once, each on its own CPU cores (and GPUs on a GPU machine), as N "
+                             "workers of the same study."),
     reuse: bool = typer.Option(True, "--reuse/--no-reuse",
                                help="Measure only what the study has not (default): a config whose throughput or "
                                "fp32 loss an equivalent trial measured runs only the other part, and a new loss "
@@ -128,6 +131,10 @@ def search(
         raise UserError(f"{space_path}: the time_to_loss objective needs a target loss; set loss_target: in the "
                         "space, or give it a baseline: whose validation loss becomes the target")
     world_size = engine.check_hardware(search_space, str(space_path), fingerprint)
+    from cotune import jobs as jobs_mod
+
+    slots = jobs_mod.slots(jobs, search_space.hardware.device, world_size, fingerprint["hardware"]["gpu_count"]) \
+        if jobs > 1 else []
     cache_dir = data_mod.default_cache_dir()
     data_info = _prepare_data(search_space.workload, cache_dir)
     vocab = search_space.workload.vocab_size
@@ -178,14 +185,15 @@ def search(
         f"(space {space_path}, sampler {sampler.value}, objectives {', '.join(objective_names)})"
     )
 
+    if slots:
+        console.print(f"{jobs} trials at once: {jobs_mod.describe(slots)}")
+        requests = [jobs_mod.WorkerRequest(settings, storage, name, dead_after, warm_start, cache_dir, slot)
+                    for slot in slots]
+        _run_jobs(opt_study, settings, requests)
+        _finish(opt_study, objective_names, settings, cache_dir, confirm, report)
+        return
     fork_server = runner.ForkServer(settings.runs_dir / "fork-server.log") if warm_start else None
-
-    def run_fn(config, trial_dir, on_rung=None):
-        # Triton kernel timings are shared by the study's trials, in its runs folder.
-        return runner.launch_trial(config, trial_dir, cache_dir=cache_dir, trace=profile,
-                                   kernel_cache=settings.runs_dir / "kernel-timings.json", fork_server=fork_server,
-                                   on_rung=on_rung)
-
+    run_fn = runner.search_launcher(settings.runs_dir, cache_dir=cache_dir, trace=profile, fork_server=fork_server)
     previous = signal.signal(signal.SIGTERM, _terminate)  # a scheduler's SIGTERM unwinds as Ctrl-C does
     try:
         _run_with_progress(opt_study, settings, run_fn)
@@ -201,6 +209,10 @@ def search(
         signal.signal(signal.SIGTERM, previous)
         if fork_server is not None:
             fork_server.close()
+    _finish(opt_study, objective_names, settings, cache_dir, confirm, report)
+
+
+def _finish(opt_study, objective_names, settings, cache_dir: Path, confirm: bool, report: bool) -> None:
     _print_pareto(opt_study, objective_names)
     if confirm:
         _confirm(opt_study, None, settings.runs_dir, cache_dir)
@@ -280,6 +292,57 @@ def _run_with_progress(opt_study, settings, run_fn) -> None:
         progress = engine.run_search(opt_study, settings, run_fn, on_start=on_start, on_done=on_done)
     if progress.stopped:
         err_console.print(f"warning: {progress.stopped}", markup=False, highlight=False)
+
+
+def _run_jobs(opt_study, settings, requests) -> None:
+    """Run the search as one worker per job (cotune.jobs): their trials' lines as they end, one progress bar
+    read from the study. A worker's user error, SIGTERM or Ctrl-C ends the search as it would end one worker."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from cotune import jobs as jobs_mod
+    from cotune import search as engine
+
+    bar = Progress(TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[stats]}"), console=console, transient=False)
+    progress = engine.progress_of(opt_study, settings.objectives, engine.Progress(settings.budget, 0))
+    task = bar.add_task("search", total=settings.budget, completed=progress.done, stats=_stats(progress))
+    errors: list[str] = []
+
+    def on_line(index: int, line: str) -> None:
+        if line.startswith("error: "):  # said once, by this search, when the jobs have ended
+            errors.append(line.removeprefix("error: "))
+            return
+        bar.console.print(f"job {index + 1} · {line}")
+
+    procs: list = []
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        with bar:
+            procs = jobs_mod.start_workers(requests, on_line)
+            while any(p.poll() is None for p in procs):
+                time.sleep(0.5)
+                progress = engine.progress_of(opt_study, settings.objectives, progress)
+                bar.update(task, completed=progress.done, stats=_stats(progress))
+    except Terminated:
+        jobs_mod.stop_workers(procs, signal.SIGTERM)
+        err_console.print("terminated (SIGTERM): the running trials were killed and recorded as interrupted; "
+                          "run the same command again to resume")
+        raise typer.Exit(143) from None
+    except KeyboardInterrupt:
+        jobs_mod.stop_workers(procs, signal.SIGINT)
+        err_console.print("interrupted: the running trials were killed and recorded as interrupted; "
+                          "run the same command again to resume")
+        raise typer.Exit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    codes = [p.wait() for p in procs]
+    if errors:
+        raise UserError(errors[0])
+    failed = [(k + 1, c) for k, c in enumerate(codes) if c != 0]
+    if failed:
+        err_console.print(f"error: job {failed[0][0]} ended with exit code {failed[0][1]} (its output is above); "
+                          "run the same command again to resume", markup=False, highlight=False)
+        raise typer.Exit(1)
 
 
 def _stats(p) -> str:

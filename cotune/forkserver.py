@@ -60,7 +60,7 @@ PRELOAD = (
     "torch.distributed.run",
 )
 # Variables a trial may set differently from the server's environment: the child applies them itself.
-PER_TRIAL_ENV = frozenset({"PYTHONUNBUFFERED", "PYTHONFAULTHANDLER"})
+PER_TRIAL_ENV = frozenset({"PYTHONUNBUFFERED", "PYTHONFAULTHANDLER", "OMP_NUM_THREADS"})
 
 
 # --------------------------------------------------------------------------- search side

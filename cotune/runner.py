@@ -125,19 +125,37 @@ def launch_trial(
         result_path=result_path,
         log_path=trial_dir / "log.txt",
         timeout_s=config.run.timeout_s,
-        env=trial_env(config.run.device),
+        env=trial_env(config.run.device, config.parallel.world_size),
         fork_server=fork_server,
         progress=RungReports(progress_path, on_rung) if progress_path is not None else None,
     )
 
 
-def trial_env(device: str) -> dict[str, str]:
+def search_launcher(runs_dir: Path, *, cache_dir: Path | None, trace: bool,
+                    fork_server: ForkServer | None) -> Callable[..., TrialResult]:
+    """A search's ``run_fn``: :func:`launch_trial` with the study's Triton kernel timings (shared by its trials,
+    in its runs folder) and the search's fork server."""
+
+    def run(config: TrialConfig, trial_dir: Path, on_rung: RungFn | None = None) -> TrialResult:
+        return launch_trial(config, trial_dir, cache_dir=cache_dir, trace=trace,
+                            kernel_cache=runs_dir / "kernel-timings.json", fork_server=fork_server, on_rung=on_rung)
+
+    return run
+
+
+def trial_env(device: str, world_size: int = 1) -> dict[str, str]:
     """A trial's environment on ``device``: :func:`child_env`; a CPU trial runs Triton kernels, if it has any,
     in Triton's interpreter (read when triton is first imported). Every CPU trial gets it, Triton kernels or
-    not, so all of a CPU search's trials fork from one server that imported triton already."""
+    not, so all of a CPU search's trials fork from one server that imported triton already.
+
+    A search pinned to some of the machine's cores (``--jobs``, or ``taskset``) gives the trial's ranks
+    torch threads to match: the cores shared among its ``world_size`` processes, at least one each."""
     env = child_env()
     if device == "cpu":
         env["TRITON_INTERPRET"] = "1"
+    cores = len(os.sched_getaffinity(0))
+    if "OMP_NUM_THREADS" not in os.environ and cores < (os.cpu_count() or cores):
+        env["OMP_NUM_THREADS"] = str(max(1, cores // world_size))
     env[SEARCH_PID_ENV] = str(os.getpid())  # a rank that starts after we died exits (cotune.trial.__main__)
     return env
 

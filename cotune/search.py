@@ -60,6 +60,7 @@ class SearchSettings:
     infeasible_cap: int | None = None
     early_stopping: early_stop.Halving | None = None  # stop trials at loss rungs (MO-ASHA); None: every trial runs its budget
     factorise: bool = False  # run only the throughput or the loss a study has not measured (cotune.factorise)
+    job: dict[str, Any] | None = None  # with --jobs: this worker's slot (cotune.jobs.Slot), recorded on its trials
 
     @property
     def native_precisions(self) -> list[str]:
@@ -143,6 +144,12 @@ def create_or_resume_study(
         study.set_user_attr("baseline_not_run", why_not)
     study.set_user_attr("cotune_version", version)
     return study
+
+
+def load_study(storage: optuna.storages.BaseStorage, name: str, settings: SearchSettings) -> optuna.Study:
+    """Join the study another process created (cotune.jobs' workers), with this search's sampler."""
+    sampler = SAMPLERS[settings.sampler](settings.seed, len(settings.objectives))
+    return _load_created(storage, name, sampler, settings, settings.space.model_dump(mode="json"))
 
 
 _CREATING_S = 60.0  # how long a worker waits for the study another worker is creating to get its attributes
@@ -319,6 +326,8 @@ def _ask_run_record(study: optuna.Study, trial: optuna.Trial, settings: SearchSe
     """One trial: its config derived and checked, run (unless infeasible), and recorded."""
     trial.set_user_attr("host", socket.gethostname())
     trial.set_user_attr("search_pid", os.getpid())
+    if settings.job is not None:
+        trial.set_user_attr("job", settings.job)
     choices = study.user_attrs.get("precision_choices")  # fixed when the study was created (None: older studies)
     knob_values = derive.suggest(trial, settings.space, settings.native_precisions, choices,
                                  world_size=settings.world_size, workload=settings.workload)
@@ -338,6 +347,8 @@ def _ask_run_record(study: optuna.Study, trial: optuna.Trial, settings: SearchSe
         # The analytic memory model, before launch: a config that cannot fit is never run.
         estimate = memory.estimate(config, runtime_bytes=memory.runtime_bytes(settings.fingerprint, config.run.device))
         capacity = memory.capacity_bytes(settings.fingerprint, config.run.device, config.parallel.world_size)
+        if settings.job is not None and config.run.device == "cpu":
+            capacity /= settings.job["of"]  # --jobs: the jobs' trials share the host's memory
         too_big = memory.fits(estimate, capacity)
         if too_big and not reason:
             reason, violation = too_big, estimate.total / capacity - 1.0
@@ -399,14 +410,22 @@ def _launch(study: optuna.Study, trial: optuna.Trial, config: TrialConfig, setti
 
 
 def _study_mfu(study: optuna.Study, config: TrialConfig, result: TrialResult) -> None:
-    """MFU over the study's peak FLOP/s for the trial's precision, the same figure for every trial."""
+    """MFU over the study's peak FLOP/s for the trial's precision, the same figure for every trial.
+
+    On a GPU the peak is one device's, times the trial's devices. On a CPU it was taken on all the
+    machine's cores, and a trial's ranks share the cores they may use (``cpu_cores``: all of them, or
+    a job's share with --jobs), so the peak counts that share of the machine."""
     peak = (study.user_attrs.get("peak_flops") or {}).get(config.precision.precision)
     m = result.metrics
     if result.status != "ok" or not peak or "flops_per_token" not in m or "tokens_per_second" not in m:
         return
+    devices: float = config.parallel.world_size
+    cpus = ((study.user_attrs.get("fingerprint") or {}).get("hardware") or {}).get("cpu_count")
+    if config.run.device == "cpu" and m.get("cpu_cores") and cpus:
+        devices = min(1.0, m["cpu_cores"] / cpus)
     m["peak_flops"] = peak["flops"]
     m["peak_flops_source"] = f"the study's, taken when it was created ({peak['source']})"
-    m["mfu"] = m["flops_per_token"] * m["tokens_per_second"] / (peak["flops"] * config.parallel.world_size)
+    m["mfu"] = m["flops_per_token"] * m["tokens_per_second"] / (peak["flops"] * devices)
 
 
 def _close(study: optuna.Study, trial: optuna.Trial, status: str, reason: str) -> None:

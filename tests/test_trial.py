@@ -129,7 +129,7 @@ def test_ok_run_has_sane_metrics(ok_result: TrialResult) -> None:
     keys = {
         "tokens_per_second", "val_loss", "step_time_mean_s", "step_time_std_s", "peak_memory_bytes",
         "peak_memory_source", "peak_rss_bytes", "mfu", "peak_flops", "peak_flops_source", "flops_per_token", "n_params",
-        "train_steps", "tokens_trained", "budget_steps",
+        "train_steps", "tokens_trained", "budget_steps", "cpu_cores", "cpu_threads",
     }  # fmt: skip
     assert set(m) == keys
     assert all(math.isfinite(v) for v in m.values() if isinstance(v, float))

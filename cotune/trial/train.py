@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import traceback
 from collections.abc import Callable
@@ -160,7 +161,9 @@ def _run(
     phases["model_build"] = time.perf_counter() - t
 
     flops_per_token = measure.flops_per_token(n_params, config.workload)
-    metrics: dict = {"n_params": n_params, "flops_per_token": flops_per_token, "budget_steps": config.budget_steps}
+    # What this rank ran on: the cores it may use and torch's threads (with --jobs, the job's share of the machine).
+    metrics: dict = {"n_params": n_params, "flops_per_token": flops_per_token, "budget_steps": config.budget_steps,
+                     "cpu_cores": len(os.sched_getaffinity(0)), "cpu_threads": torch.get_num_threads()}
     def on_rung(rung: int, so_far: TrainingRun, loss: float) -> None:
         measured = _measure(config, d, so_far, flops_per_token, cache_dir, host_memory)  # collective: every rank
         if d.rank == 0 and progress_path is not None:
