@@ -133,6 +133,9 @@ def search(
     world_size = engine.check_hardware(search_space, str(space_path), fingerprint)
     from cotune import jobs as jobs_mod
 
+    if jobs > 1 and search_space.hardware.nnodes > 1:
+        raise UserError(f"--jobs {jobs}: {space_path} has hardware.nnodes {search_space.hardware.nnodes}, and trials "
+                        "across machines run one at a time (their node agents take one trial each); use --jobs 1")
     slots = jobs_mod.slots(jobs, search_space.hardware.device, world_size, fingerprint["hardware"]["gpu_count"]) \
         if jobs > 1 else []
     cache_dir = data_mod.default_cache_dir()
@@ -604,6 +607,58 @@ def trial_cmd(
     console.print(f"trial folder: {trial_dir}")
 
 
+@app.command("node")
+def node_cmd(
+    rank: int = typer.Option(..., "--rank", min=1, metavar="R",
+                             help="This machine's place among a trial's machines: 1 for the second, 2 for the third, "
+                             "... (under SLURM, $SLURM_NODEID); the search's machine is 0."),
+    study: str = typer.Option(..., help="The study whose trials to join (it may not exist yet)."),
+    storage: str = typer.Option("sqlite:///cotune.db", help=STORAGE_HELP),
+    runs_dir: Path = typer.Option(Path("cotune-runs"), help="Where this machine's share of each trial logs "
+                                  "(<runs-dir>/<study>/trial-NNNN/node-R/)."),
+) -> None:
+    """Run this machine's share of a study's trials that span machines (hardware.nnodes), until stopped."""
+    import socket
+
+    import optuna
+
+    from cotune import data as data_mod
+    from cotune import nodes
+    from cotune.study import check_storage_url, open_storage, shown, study_names
+
+    _quiet_optuna()
+    check_storage_url(storage)
+    from sqlalchemy.engine import make_url
+
+    url = make_url(storage)
+    waited = False
+    while True:  # started beside the search: its study may not exist yet
+        missing_file = url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists()
+        if not missing_file:
+            opened = open_storage(storage)
+            if study in study_names(opened):
+                break
+        if not waited:
+            console.print(f"waiting for study {study!r} in {shown(storage)} to be created")
+            waited = True
+        time.sleep(1.0)
+    opt_study = optuna.load_study(study_name=study, storage=opened)
+    console.print(f"node agent {rank} on {socket.gethostname()}: joining study {study!r}'s trials that span more "
+                  f"than {rank} machine(s); Ctrl-C to stop")
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        nodes.serve(opt_study, rank, runs_dir / study, data_mod.default_cache_dir(),
+                    lambda line: console.print(line, markup=False, highlight=False))
+    except Terminated:
+        err_console.print("terminated (SIGTERM): this machine's share of the running trial was killed")
+        raise typer.Exit(143) from None
+    except KeyboardInterrupt:
+        err_console.print("interrupted: this machine's share of the running trial was killed")
+        raise typer.Exit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @app.command("export")
 def export_cmd(
     fmt: str = typer.Option(..., "--format", help="json, hf, lightning, deepspeed, torchtitan, torchtitan-toml, "
@@ -677,7 +732,8 @@ def spaces(
         w = s.workload
         tunable = sum(not d.fixed for d in s.knobs.values())
         nproc = s.hardware.nproc or "all"
-        table.add_row(s.name, f"{s.hardware.device} x{nproc}", _model_line(w), str(tunable))
+        machines = f" on up to {s.hardware.nnodes} machines" if s.hardware.nnodes > 1 else ""
+        table.add_row(s.name, f"{s.hardware.device} x{nproc}{machines}", _model_line(w), str(tunable))
     console.print(table)
     console.print(f"files: {_short(shipped_spaces()[0].parent)}/<name>.yaml; pass one with --space")
 

@@ -156,6 +156,9 @@ class RunConfig:
     # Throughput and memory only: the warm-up and measured steps, then no more training and no validation
     # (a search that already knows this config's loss from an equivalent one; see cotune.factorise).
     measure_only: bool = False
+    # Machines the trial's ranks span, world_size / nnodes processes on each: the search's machine runs the
+    # first, node agents (``cotune node``) the others, met at a c10d rendezvous (cotune.nodes).
+    nnodes: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rung_fractions", tuple(float(f) for f in self.rung_fractions))

@@ -287,6 +287,11 @@ def build_config(
     if world % (fsdp * tp * pp):
         return None, (f"world_size % (fsdp * tp * pp) == 0 must hold (dp takes the rest), but got world_size={world}, "
                       f"fsdp={fsdp}, tp={tp}, pp={pp}")
+    per_node = world_size // space.hardware.nnodes
+    if world > per_node and world % per_node:
+        return None, (f"world_size % hardware.nproc == 0 must hold for a trial across machines (whole machines "
+                      f"each), but got world_size={world}, nproc={per_node}")
+    nnodes = max(1, world // per_node)
     dp = world // (tp * pp * fsdp)
     data_parallel = dp * fsdp
     if v["global_batch_size"] < data_parallel:
@@ -331,6 +336,7 @@ def build_config(
             device=space.hardware.device, warmup_steps=space.trial.warmup_steps,
             measured_steps=space.trial.measured_steps, token_budget=space.trial.token_budget,
             eval_tokens=space.trial.eval_tokens, timeout_s=space.trial.timeout_s, seed=seed, profile=profile,
+            nnodes=nnodes,
         ),
     )
     config = replace(config, kernels=_kernels(v, config))

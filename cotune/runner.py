@@ -33,6 +33,7 @@ import psutil
 
 from cotune.config import TrialConfig, TrialResult
 from cotune.forkserver import ForkedTrial, ForkServer, die_with_parent
+from cotune.nodes import Rendezvous
 
 KILL_GRACE_S = 2.0  # SIGTERM -> SIGKILL: time for a clean exit, short enough not to stall the search
 ERROR_TAIL_LINES = 20
@@ -54,14 +55,18 @@ def trial_argv(
     world_size: int = 1,
     kernel_cache: Path | None = None,
     progress_path: Path | None = None,
+    rendezvous: Rendezvous | None = None,
 ) -> list[str]:
     """The command that runs one trial: ``python -m cotune.trial CONFIG --result RESULT``.
 
     With ``world_size`` > 1 the same module runs under torchrun, one process per rank,
-    all in the trial's one process tree.
+    all in the trial's one process tree; with ``rendezvous``, this machine's share of a trial
+    across machines (cotune.nodes).
     """
     launcher = [sys.executable]
-    if world_size > 1:
+    if rendezvous is not None:
+        launcher += ["-m", "torch.distributed.run", *rendezvous.torchrun_options()]
+    elif world_size > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc-per-node={world_size}"]
     return [*launcher, "-m", "cotune.trial", *trial_args(config_path, result_path, trace_dir=trace_dir,
                                                          cache_dir=cache_dir, kernel_cache=kernel_cache,
@@ -99,8 +104,13 @@ def launch_trial(
     kernel_cache: Path | None = None,
     fork_server: ForkServer | None = None,
     on_rung: RungFn | None = None,
+    rendezvous: Rendezvous | None = None,
 ) -> TrialResult:
     """Run ``config`` in its own process tree under ``trial_dir`` and say how it went.
+
+    A config whose ranks span machines (``config.run.nnodes`` > 1) runs this machine's share, meeting
+    the others at ``rendezvous`` (cotune.nodes); it waits for them at most the rendezvous's join timeout,
+    on top of the config's own.
 
     ``kernel_cache`` is the study's file of Triton kernel timings (see cotune.trial.kernels.timing).
     With ``fork_server`` the trial is forked from it (a warm start: torch is imported already)
@@ -119,16 +129,22 @@ def launch_trial(
     result_path = trial_dir / "result.json"
     progress_path = trial_dir / "progress.jsonl" if on_rung is not None and config.run.rung_fractions else None
     argv = trial_argv(config_path, result_path, trace_dir=trial_dir if trace else None, cache_dir=cache_dir,
-                      world_size=config.parallel.world_size, kernel_cache=kernel_cache, progress_path=progress_path)
-    return run_process(
+                      world_size=config.parallel.world_size, kernel_cache=kernel_cache, progress_path=progress_path,
+                      rendezvous=rendezvous)
+    result = run_process(
         argv,
         result_path=result_path,
         log_path=trial_dir / "log.txt",
-        timeout_s=config.run.timeout_s,
-        env=trial_env(config.run.device, config.parallel.world_size),
+        timeout_s=config.run.timeout_s + (rendezvous.join_timeout_s if rendezvous is not None else 0),
+        env=trial_env(config.run.device, config.parallel.world_size // config.run.nnodes),
         fork_server=fork_server,
         progress=RungReports(progress_path, on_rung) if progress_path is not None else None,
     )
+    if rendezvous is not None and result.status == "crash" and "RendezvousTimeoutError" in result.error_tail:
+        result.reason = (f"the trial's other {rendezvous.nnodes - 1} machine(s) did not join its rendezvous at "
+                         f"{rendezvous.endpoint} within {rendezvous.join_timeout_s} s: run `cotune node --rank R "
+                         "--study NAME` with this storage on each (R = 1 .. nnodes - 1)")
+    return result
 
 
 def search_launcher(runs_dir: Path, *, cache_dir: Path | None, trace: bool,
@@ -136,9 +152,11 @@ def search_launcher(runs_dir: Path, *, cache_dir: Path | None, trace: bool,
     """A search's ``run_fn``: :func:`launch_trial` with the study's Triton kernel timings (shared by its trials,
     in its runs folder) and the search's fork server."""
 
-    def run(config: TrialConfig, trial_dir: Path, on_rung: RungFn | None = None) -> TrialResult:
+    def run(config: TrialConfig, trial_dir: Path, on_rung: RungFn | None = None,
+            rendezvous: Rendezvous | None = None) -> TrialResult:
         return launch_trial(config, trial_dir, cache_dir=cache_dir, trace=trace,
-                            kernel_cache=runs_dir / "kernel-timings.json", fork_server=fork_server, on_rung=on_rung)
+                            kernel_cache=runs_dir / "kernel-timings.json", fork_server=fork_server, on_rung=on_rung,
+                            rendezvous=rendezvous)
 
     return run
 

@@ -23,7 +23,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from cotune import __version__, derive, early_stop, factorise, hardware, memory, time_to_loss, workers
+from cotune import __version__, derive, early_stop, factorise, hardware, memory, nodes, time_to_loss, workers
 from cotune.config import STATUSES, KernelConfig, TrialConfig, TrialResult
 from cotune.errors import Terminated, UserError
 from cotune.samplers import SAMPLERS
@@ -68,7 +68,8 @@ class SearchSettings:
 
 
 def check_hardware(space: SearchSpace, space_path: str, fingerprint: dict[str, Any]) -> int:
-    """World size for this space on this machine; a space the machine cannot run is a user error."""
+    """The most processes a trial of this space may have (``hardware.nproc`` on each of its ``nnodes``
+    machines); a space this machine cannot run is a user error."""
     gpus = fingerprint["hardware"]["gpu_count"]
     if space.hardware.device == "cuda" and gpus == 0:
         raise UserError(
@@ -83,11 +84,11 @@ def check_hardware(space: SearchSpace, space_path: str, fingerprint: dict[str, A
             f"runs only {native} natively"
         )
     if space.hardware.device == "cpu":
-        return space.hardware.nproc or 1
+        return (space.hardware.nproc or 1) * space.hardware.nnodes
     nproc = space.hardware.nproc or gpus
     if nproc > gpus:
         raise UserError(f"{space_path}: hardware.nproc is {nproc} but this machine has {gpus} GPU(s)")
-    return nproc
+    return nproc * space.hardware.nnodes
 
 
 def create_or_resume_study(
@@ -346,7 +347,8 @@ def _ask_run_record(study: optuna.Study, trial: optuna.Trial, settings: SearchSe
     if config is not None and config.workload.model == "gpt":  # the memory model counts the built-in GPT's tensors
         # The analytic memory model, before launch: a config that cannot fit is never run.
         estimate = memory.estimate(config, runtime_bytes=memory.runtime_bytes(settings.fingerprint, config.run.device))
-        capacity = memory.capacity_bytes(settings.fingerprint, config.run.device, config.parallel.world_size)
+        capacity = memory.capacity_bytes(settings.fingerprint, config.run.device,
+                                         config.parallel.world_size // config.run.nnodes)
         if settings.job is not None and config.run.device == "cpu":
             capacity /= settings.job["of"]  # --jobs: the jobs' trials share the host's memory
         too_big = memory.fits(estimate, capacity)
@@ -383,6 +385,10 @@ def _launch(study: optuna.Study, trial: optuna.Trial, config: TrialConfig, setti
     if settings.early_stopping is not None:
         config = replace(config, run=replace(config.run, rung_fractions=settings.early_stopping.fractions))
         listener = early_stop.rung_listener(study, trial, settings.objectives, settings.early_stopping.eta)
+    if config.run.nnodes > 1:  # node agents join from what the trial records; reuse would run another config
+        rendezvous = nodes.new_rendezvous(config.run.nnodes, config.parallel.world_size // config.run.nnodes)
+        nodes.announce(trial, config, rendezvous, progress=listener is not None)
+        return config, run_fn(config, folder, on_rung=listener, rendezvous=rendezvous), None
     if not settings.factorise:
         return config, run_fn(config, folder, on_rung=listener) if listener else run_fn(config, folder), None
     trials = study.get_trials(deepcopy=False)

@@ -142,8 +142,11 @@ class Constraint(_Strict):
 
 class HardwareSpec(_Strict):
     device: Literal["cpu", "cuda"] = "cpu"
-    # Processes (GPUs, or CPU processes) one trial may use; None means all GPUs / 1 on CPU.
+    # Processes (GPUs, or CPU processes) one trial may use on each machine; None means all GPUs / 1 on CPU.
     nproc: int | None = Field(default=None, ge=1)
+    # Machines a trial may span: a world_size above nproc runs on world_size / nproc of them, the search's
+    # machine and node agents (`cotune node`) on the others.
+    nnodes: int = Field(default=1, ge=1)
 
 
 class WorkloadSpec(_Strict):
@@ -279,11 +282,11 @@ class SearchSpace(_Strict):
                     f"it may read knobs, {', '.join(DERIVED)} and workload fields"
                 )
         world = self.knobs.get("world_size")
-        nproc = self.hardware.nproc
-        if world is not None and nproc is not None and max(world.values()) > nproc:
+        nproc, nnodes = self.hardware.nproc, self.hardware.nnodes
+        if world is not None and nproc is not None and max(world.values()) > nproc * nnodes:
             raise ValueError(
-                f"knobs.world_size <= hardware.nproc must hold, but got world_size up to {max(world.values())}, "
-                f"nproc={nproc}"
+                f"knobs.world_size <= hardware.nproc * hardware.nnodes must hold, but got world_size up to "
+                f"{max(world.values())}, nproc={nproc}, nnodes={nnodes}"
             )
         for name, value in self.baseline.items():
             if name not in KNOBS:

@@ -13,6 +13,7 @@ trial's ``start_and_import`` phase counts it. A warm start (cotune.forkserver) c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import traceback
@@ -74,12 +75,35 @@ def main(argv: list[str] | None = None) -> int:
         TrialResult("crash", reason=f"{type(e).__name__}{where}: {first}",
                     error_tail="\n".join(lines[-ERROR_TAIL_LINES:])).save(rank_path)
         return 1
-    if rank == 0:
-        result.save(args.result)
+    from cotune.trial.distributed import reports
+
+    if reports():  # rank 0; across machines, the first rank on the search's machine
+        return _save_result(result, args.result, rank_path)
     elif result.status != "ok":
         result.save(rank_path)
         return 1
     return 0
+
+
+def _save_result(result, path: Path, rank_path: Path) -> int:
+    """Write the trial's result: 0. When it cannot be written (a full disk, a file size limit), 1: the half-written
+    file is removed (TrialResult.save writes ``PATH.tmp`` first), which frees room for this rank's much smaller
+    result saying why, so the trial is a crash with that reason rather than a bare exit code."""
+    from cotune.config import TrialResult
+
+    try:
+        result.save(path)
+        return 0
+    except OSError as e:
+        path.with_suffix(path.suffix + ".tmp").unlink(missing_ok=True)
+        why = f"could not write its result {path}: {type(e).__name__}: {e}"
+    with contextlib.suppress(OSError):
+        print(f"cotune trial: error: {why}", file=sys.stderr)
+    try:
+        TrialResult("crash", reason=why).save(rank_path)  # its error tail: the log's, which has the line above
+    except OSError:
+        rank_path.with_suffix(rank_path.suffix + ".tmp").unlink(missing_ok=True)
+    return 1
 
 
 if __name__ == "__main__":

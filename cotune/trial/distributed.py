@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,6 +34,21 @@ class Dist:
     dp_index: int = 0  # which slice of the global batch this rank trains on
     dp_size: int = 1  # data-parallel ranks in all: dp_replicate * dp_shard
     tp_rank: int = 0
+    across_nodes: bool = False  # the ranks span machines (cotune.nodes): rank 0 may be on another one
+
+    @property
+    def reporter(self) -> bool:
+        """Whether this rank writes the trial's result and rung reports (see :func:`reports`)."""
+        return reports()
+
+    def from_rank0(self, obj: Any) -> Any:
+        """``obj`` as rank 0 has it, on every rank: across machines, rank 0 may not be the one that reports
+        (a collective there; elsewhere ``obj`` is returned as is)."""
+        if not self.across_nodes:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     @classmethod
     def single(cls, device: str) -> Dist:
@@ -120,7 +136,18 @@ def init(config: TrialConfig) -> Dist:
         dp_index=coords["dp_replicate"] * par.fsdp + coords["dp_shard"],
         dp_size=par.dp * par.fsdp,
         tp_rank=coords["tp"],
+        across_nodes=world != int(os.environ.get("LOCAL_WORLD_SIZE", world)),
     )
+
+
+def reports() -> bool:
+    """Whether this process writes the trial's result and rung reports: rank 0 on one machine; across
+    machines, each machine's first rank (rank 0's result and reports are sent to it), so the search's
+    machine has them whichever machine torchrun made rank 0."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world == os.environ.get("LOCAL_WORLD_SIZE", world):
+        return int(os.environ.get("RANK", "0")) == 0
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0
 
 
 def shutdown(d: Dist) -> None:

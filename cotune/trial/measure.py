@@ -167,7 +167,11 @@ def is_oom(e: BaseException) -> bool:
     """Whether ``e`` means the device or host ran out of memory."""
     if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
         return True
-    return isinstance(e, RuntimeError) and "out of memory" in str(e)
+    # torch's CPU allocator raises a plain RuntimeError: "DefaultCPUAllocator: can't allocate memory: you tried to
+    # allocate N bytes" (older releases: "not enough memory").
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "DefaultCPUAllocator: can't allocate" in text
+                                            or "DefaultCPUAllocator: not enough memory" in text)
 
 
 def process_age_s() -> float:

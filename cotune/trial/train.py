@@ -86,6 +86,7 @@ def train_and_measure(
             error_tail="\n".join(tail),
             reason=f"out of memory: {type(e).__name__}" + (f" on rank {d.rank}" if d.world_size > 1 else ""),
         )
+    result = d.from_rank0(result)
     distributed.shutdown(d)
     return result
 
@@ -123,9 +124,10 @@ def infeasible_reason(config: TrialConfig) -> str:
     if run.device == "cuda":
         if not torch.cuda.is_available():
             return "device cuda was asked for, but torch sees no CUDA device here"
-        if torch.cuda.device_count() < par.world_size:
-            return (f"world_size <= GPU count must hold, but got world_size={par.world_size}, "
-                    f"GPUs={torch.cuda.device_count()}")
+        per_node = par.world_size // run.nnodes
+        if torch.cuda.device_count() < per_node:
+            return (f"world_size / nnodes <= GPU count must hold, but got world_size={par.world_size}, "
+                    f"nnodes={run.nnodes}, GPUs={torch.cuda.device_count()}")
         major, minor = torch.cuda.get_device_capability()
         if precision == "bf16" and major < 8:
             return f"bf16 needs a GPU of CUDA capability 8.0 or newer, but this one is {major}.{minor}"
@@ -166,8 +168,8 @@ def _run(
                      "cpu_cores": len(os.sched_getaffinity(0)), "cpu_threads": torch.get_num_threads()}
     def on_rung(rung: int, so_far: TrainingRun, loss: float) -> None:
         measured = _measure(config, d, so_far, flops_per_token, cache_dir, host_memory)  # collective: every rank
-        if d.rank == 0 and progress_path is not None:
-            record = rung_record(config, rung, so_far, loss, {**metrics, **measured}, phases)
+        record = d.from_rank0(rung_record(config, rung, so_far, loss, {**metrics, **measured}, phases))
+        if d.reporter and progress_path is not None:
             with open(progress_path, "a") as f:  # one whole line per write: the reader takes complete lines
                 f.write(json.dumps(record) + "\n")
 
