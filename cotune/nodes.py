@@ -81,8 +81,21 @@ def serve(study, rank: int, runs_dir: Path, cache_dir: Path | None, say: Callabl
             joined.add(t.number)
             say(f"trial {t.number:>3} joining as machine {rank} of {t.user_attrs['nodes']['rendezvous']['nnodes']}")
             result = join(t.number, t.user_attrs["nodes"], rank, runs_dir, cache_dir)
-            say(f"trial {t.number:>3} {result.status}" + (f": {result.reason}" if result.reason else ""))
+            recorded = _recorded_status(study, t._trial_id)
+            here = "" if result.status == "ok" else \
+                f"; this machine's share ended as {result.status}: {(result.reason.splitlines() or [''])[0][:200]}"
+            say(f"trial {t.number:>3} {recorded}{here}")
         time.sleep(POLL_S)
+
+
+def _recorded_status(study, trial_id: int, wait_s: float = 10.0) -> str:
+    """The trial's status as its search records it, once it has (the search's share ends first, or together)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        status = study._storage.get_trial(trial_id).user_attrs.get("status")
+        if status is not None or time.monotonic() > deadline:
+            return status or "not recorded yet by its search"
+        time.sleep(0.2)
 
 
 def join(number: int, nodes: dict, rank: int, runs_dir: Path, cache_dir: Path | None):

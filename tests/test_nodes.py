@@ -35,8 +35,7 @@ def test_a_trial_across_two_machines_trains_as_it_does_on_one(tmp_path):
     assert "nnodes: 2" in TWO_MACHINES and "world_size: {choices: [2]}" in TWO_MACHINES
     agent = _cli("node", "--rank", "1", "--study", "two-machines", cwd=tmp_path)  # before the study exists
     try:
-        search = _cli("search", "--space", str(space), "--budget", "2", "--seed", "0", "--no-early-stopping",
-                      cwd=tmp_path)
+        search = _cli("search", "--space", str(space), "--budget", "2", "--seed", "0", cwd=tmp_path)
         out, _ = search.communicate(timeout=500)
         assert search.returncode == 0, out
     finally:
@@ -44,6 +43,7 @@ def test_a_trial_across_two_machines_trains_as_it_does_on_one(tmp_path):
         agent_out, _ = agent.communicate(timeout=60)
     assert agent.returncode == 143, agent_out
     assert "waiting for study 'two-machines'" in agent_out and "trial   0 joining as machine 1 of 2" in agent_out
+    assert "trial   0 ok" in agent_out and "trial   1 ok" in agent_out  # as the search recorded them
 
     study = optuna.load_study(study_name="two-machines", storage=f"sqlite:///{tmp_path / 'cotune.db'}")
     trials = study.get_trials(deepcopy=False)
@@ -56,11 +56,15 @@ def test_a_trial_across_two_machines_trains_as_it_does_on_one(tmp_path):
         # The agent's machine ran its share and got rank 0's result too: the same measured figures.
         copy = TrialResult.load(runs / f"trial-{t.number:04d}" / "node-1" / "result.json")
         assert copy.status == "ok" and copy.metrics["val_loss"] == t.user_attrs["metrics"]["val_loss"]
+        # Rung reports (early stopping) are rank 0's on both machines too.
+        rungs = [(runs / f"trial-{t.number:04d}" / where / "progress.jsonl").read_text().splitlines()
+                 for where in (".", "node-1")]
+        assert rungs[0] and rungs[0] == rungs[1]
 
     # The baseline on one machine, two processes (torchrun --standalone): the same loss at every step.
     baseline = TrialConfig.from_dict(trials[0].user_attrs["config"])
-    one = replace(baseline, run=replace(baseline.run, nnodes=1, rung_fractions=()))
-    alone = runner.launch_trial(one, tmp_path / "one-machine", cache_dir=None)
+    one = replace(baseline, run=replace(baseline.run, nnodes=1))
+    alone = runner.launch_trial(one, tmp_path / "one-machine", on_rung=lambda record: "")  # its rungs, not stopped
     assert alone.status == "ok", alone.reason + alone.error_tail
     across = trials[0].user_attrs["loss_curve"]
     assert [p[0] for p in alone.loss_curve] == [p[0] for p in across]

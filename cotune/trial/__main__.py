@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from cotune.trial.distributed import reports
 
-    if reports():  # rank 0; across machines, the first rank on the search's machine
+    if reports():  # rank 0; across machines, each machine's first rank (rank 0's result was sent to it)
         return _save_result(result, args.result, rank_path)
     elif result.status != "ok":
         result.save(rank_path)
