@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from cotune.config import TrialConfig, TrialResult
@@ -111,11 +112,12 @@ def result_line(number: int, result: TrialResult) -> str:
     if result.status == "pruned":  # stopped at a rung: its throughput is measured, its loss is the rung's
         return (
             f"trial {number:>3} [cyan]pruned[/]    {float(m['tokens_per_second']):>10,.0f} tok/s  "
-            f"rung loss {float(m['rung_val_loss']):.4f}  {result.reason.split(':')[0]}"
+            f"rung loss {float(m['rung_val_loss']):.4f}  {escape(result.reason.split(':')[0])}"
         )
     colour = "yellow" if result.status == "infeasible" else "red"
     reason = result.reason or (result.error_tail.strip().splitlines() or [""])[-1]
-    return f"trial {number:>3} [{colour}]{result.status:<10}[/] {reason[:160]}"
+    # A reason is the trial's own text (gloo's begins "[/__w/pytorch/..."): shown as it is, never as markup.
+    return f"trial {number:>3} [{colour}]{result.status:<10}[/] {escape(reason[:160])}"
 
 
 def metrics_table(result: TrialResult) -> Table:

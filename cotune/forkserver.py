@@ -362,6 +362,8 @@ def _torchrun(options: list[str], args: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
 
+    from cotune.torchrun import say_for_killed_ranks
+
     parsed = torchrun.get_args_parser().parse_args([*options, "-m", "cotune.trial", *args])
     if parsed.standalone:
         parsed.rdzv_backend, parsed.rdzv_endpoint, parsed.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
@@ -373,6 +375,7 @@ def _torchrun(options: list[str], args: list[str]) -> int:
         elastic_launch(config, entrypoint=_rank)(args)
     except ChildFailedError as e:
         print(f"torchrun: a rank failed: {e}", file=sys.stderr)
+        say_for_killed_ranks({rank: f.exitcode for rank, f in e.failures.items()}, args)
         return 1
     return 0
 

@@ -157,6 +157,9 @@ def worker_main() -> int:
     request: WorkerRequest = pickle.load(sys.stdin.buffer)
     signal.signal(signal.SIGTERM, _terminate)
     request.slot.enter()
+    import optuna
+    import sqlalchemy.exc
+
     from cotune import display, runner
     from cotune import search as engine
     from cotune.study import open_storage
@@ -181,6 +184,11 @@ def worker_main() -> int:
     except UserError as e:
         print(f"error: {e}", flush=True)
         return 2
+    except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:
+        from cotune.cli import _lost_database
+
+        print(_lost_database(request.storage_url, request.dead_after_s, e).removeprefix("error: "), flush=True)
+        return 1
     except Terminated:
         return 143
     except KeyboardInterrupt:

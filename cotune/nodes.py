@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -110,9 +109,8 @@ def join(number: int, nodes: dict, rank: int, runs_dir: Path, cache_dir: Path | 
     folder.mkdir(parents=True, exist_ok=True)
     config_path, result_path = folder / "config.json", folder / "result.json"
     config_path.write_text(config.to_json())
-    args = runner.trial_args(config_path, result_path, cache_dir=cache_dir,
+    argv = runner.trial_argv(config_path, result_path, cache_dir=cache_dir, rendezvous=rendezvous,
                              progress_path=folder / "progress.jsonl" if nodes.get("progress") else None)
-    argv = [sys.executable, "-m", "torch.distributed.run", *rendezvous.torchrun_options(), "-m", "cotune.trial", *args]
     return runner.run_process(argv, result_path=result_path, log_path=folder / "log.txt",
                               timeout_s=config.run.timeout_s + rendezvous.join_timeout_s,
                               env=runner.trial_env(config.run.device, rendezvous.nproc_per_node))

@@ -59,15 +59,15 @@ def trial_argv(
 ) -> list[str]:
     """The command that runs one trial: ``python -m cotune.trial CONFIG --result RESULT``.
 
-    With ``world_size`` > 1 the same module runs under torchrun, one process per rank,
+    With ``world_size`` > 1 the same module runs under torchrun (cotune.torchrun), one process per rank,
     all in the trial's one process tree; with ``rendezvous``, this machine's share of a trial
     across machines (cotune.nodes).
     """
     launcher = [sys.executable]
     if rendezvous is not None:
-        launcher += ["-m", "torch.distributed.run", *rendezvous.torchrun_options()]
+        launcher += ["-m", "cotune.torchrun", *rendezvous.torchrun_options()]
     elif world_size > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc-per-node={world_size}"]
+        launcher += ["-m", "cotune.torchrun", "--standalone", "--nnodes=1", f"--nproc-per-node={world_size}"]
     return [*launcher, "-m", "cotune.trial", *trial_args(config_path, result_path, trace_dir=trace_dir,
                                                          cache_dir=cache_dir, kernel_cache=kernel_cache,
                                                          progress_path=progress_path)]
@@ -349,11 +349,11 @@ def _start_fresh(argv: list[str], env: dict[str, str], log_path: Path, cwd: Path
 
 
 def _fork(server: ForkServer, argv: list[str], env: dict[str, str], log_path: Path, cwd: Path | None):
-    """``argv`` (``python -m cotune.trial ARGS``, or ``python -m torch.distributed.run OPTIONS -m cotune.trial
-    ARGS``) forked from ``server``, or None: start it fresh."""
+    """``argv`` (``python -m cotune.trial ARGS``, or ``python -m cotune.torchrun OPTIONS -m cotune.trial ARGS``)
+    forked from ``server``, or None: start it fresh."""
     if argv[1:3] == ["-m", "cotune.trial"]:
         return server.start_trial(argv[3:], env=env, log_path=log_path, cwd=cwd)
-    if argv[1:3] == ["-m", "torch.distributed.run"] and "-m" in argv[3:]:
+    if argv[1:3] == ["-m", "cotune.torchrun"] and "-m" in argv[3:]:
         entry = argv.index("-m", 3)
         if argv[entry + 1:entry + 2] == ["cotune.trial"]:
             return server.start_trial(argv[entry + 2:], env=env, log_path=log_path, cwd=cwd, torchrun=argv[3:entry])

@@ -70,6 +70,8 @@ def open_storage(url: str, *, dead_after_s: int | None = None) -> optuna.storage
 
     With ``dead_after_s`` a search records each running trial's heartbeat (every sixth of it, at least
     1 s), and a trial whose heartbeat is older than that is closed by any worker (cotune.search).
+    Once open, a database server that goes away (a restart) is waited for: a new connection is tried
+    again for up to ``dead_after_s`` (60 s without), see :func:`_reconnect_for`.
     """
     check_storage_url(url)
     # A server may restart under a long search: a pooled connection is checked before it is used.
@@ -80,7 +82,10 @@ def open_storage(url: str, *, dead_after_s: int | None = None) -> optuna.storage
         try:
             with warnings.catch_warnings():  # the heartbeat's arguments are marked experimental
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(url, **kwargs)
+                storage = optuna.storages.RDBStorage(url, **kwargs)
+            if not url.startswith("sqlite"):
+                _reconnect_for(storage.engine, dead_after_s or RECONNECT_S)
+            return storage
         except Exception as e:  # sqlalchemy raises many kinds; all mean "cannot open this URL"
             if attempt + 1 < _CREATE_TRIES and _created_meanwhile(e):
                 time.sleep(0.2 + random.random())  # another worker is creating the tables: they exist next time
@@ -92,6 +97,26 @@ def open_storage(url: str, *, dead_after_s: int | None = None) -> optuna.storage
 
 
 _CREATE_TRIES = 5
+RECONNECT_S = 60  # without --dead-after: how long an open storage waits for its server to come back
+
+
+def _reconnect_for(engine: Any, seconds: float) -> None:
+    """Make a connection that cannot be made (the server is restarting) be tried again, every half second,
+    for up to ``seconds``. Only connecting is retried: nothing was sent on it yet, so a retry cannot write
+    twice. A pooled connection the restart broke is found on checkout (``pool_pre_ping``) and replaced."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "do_connect")
+    def connect(dialect: Any, conn_rec: Any, cargs: Any, cparams: Any) -> Any:
+        dbapi = getattr(dialect, "loaded_dbapi", None) or dialect.dbapi
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                return dialect.connect(*cargs, **cparams)
+            except dbapi.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
 
 def _created_meanwhile(error: Exception) -> bool:

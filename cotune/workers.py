@@ -16,6 +16,7 @@ exact:
 
 from __future__ import annotations
 
+import datetime
 import socket
 import threading
 import time
@@ -33,20 +34,34 @@ def fail_stale_trials(study: optuna.Study) -> int:
     heartbeat for the storage's grace period (see :class:`Heartbeat`). Returns how many this worker closed."""
     host = socket.gethostname()
     closed = 0
+    storage = study._storage
+    beats = getattr(storage, "get_heartbeat_interval", lambda: None)()
+    grace = getattr(storage, "_backend", storage).grace_period if beats else _UNCLAIMED_S
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         pid = t.user_attrs.get("search_pid")
         if t.user_attrs.get("host") == host and pid and not alive(pid):
             closed += _worker_died(study, t, f"its search (pid {pid} on this host) died while it ran")
-    storage = study._storage
-    if getattr(storage, "get_heartbeat_interval", lambda: None)():
+        elif pid is None and _age_s(t) > grace:
+            # A worker names itself the moment it has asked; one that never did died right after asking (a
+            # trial with no heartbeat either, which Optuna's own check passes over).
+            closed += _worker_died(study, t, f"its search died right after asking for it ({_age_s(t):.0f} s ago), "
+                                             "before it said which it was")
+    if beats:
         # What optuna.storages.fail_stale_trials reads, used here to record why before the trial is failed.
-        grace = getattr(storage, "_backend", storage).grace_period
         for trial_id in storage._get_stale_trial_ids(study._study_id):
             t = storage.get_trial(trial_id)
             closed += _worker_died(study, t, f"its search (pid {t.user_attrs.get('search_pid', '?')} on "
                                              f"{t.user_attrs.get('host', '?')}) sent no heartbeat for {grace} s: "
                                              "it died, or lost the database")
     return closed
+
+
+_UNCLAIMED_S = 60.0  # without heartbeats: a trial whose worker has not named itself this long after it was asked
+
+
+def _age_s(t: optuna.trial.FrozenTrial) -> float:
+    """Seconds since ``t`` was asked (Optuna records the asking worker's local time)."""
+    return (datetime.datetime.now() - t.datetime_start).total_seconds() if t.datetime_start else 0.0
 
 
 def _worker_died(study: optuna.Study, trial: optuna.trial.FrozenTrial, why: str) -> bool:
@@ -144,7 +159,9 @@ def claim_slot(study: optuna.Study, trial: optuna.Trial, budget: int) -> None:
     while True:
         earlier = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number]
         verdicts = [_counts(t) for t in earlier]
-        if None not in verdicts or time.monotonic() > deadline:
+        # One undecided for longer than it may take has had its chance (its worker died deciding): not waited for.
+        pending = [t for t, v in zip(earlier, verdicts) if v is None and _age_s(t) < _DECIDE_S]
+        if not pending or time.monotonic() > deadline:
             break
         time.sleep(0.05)
     if sum(v is True for v in verdicts) >= budget:

@@ -61,7 +61,9 @@ class Server:
         self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
 
     def restart(self) -> None:
-        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "restart")
+        # Not `pg_ctl restart`: it would drop -l, and the new server would hold our captured output open.
+        self.stop()
+        self.start()
 
     def url(self, database: str) -> str:
         """``postgresql://postgres:PASSWORD@127.0.0.1:PORT/DATABASE``, the database created if it is new."""
