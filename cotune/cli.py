@@ -201,7 +201,9 @@ def search(
     try:
         _run_with_progress(opt_study, settings, run_fn)
     except _storage_errors() as e:
-        err_console.print(_lost_database(storage, dead_after, e), markup=False, highlight=False)
+        from cotune.study import lost_database
+
+        err_console.print(f"error: {lost_database(storage, dead_after, e)}", markup=False, highlight=False)
         raise typer.Exit(1) from None
     except Terminated:
         err_console.print("terminated (SIGTERM): the running trial was killed and recorded as interrupted; "
@@ -223,16 +225,6 @@ def _storage_errors() -> tuple[type[BaseException], ...]:  # imported late: optu
     import sqlalchemy.exc
 
     return (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError)
-
-
-def _lost_database(storage: str, dead_after: int, e: BaseException) -> str:
-    """One line for a search that lost its database for longer than it waits (the trial in hand was not recorded)."""
-    from cotune.study import _without_password, shown
-
-    cause = e.__cause__ or e
-    first = _without_password((str(cause).strip().splitlines() or [type(cause).__name__])[0][:200], storage)
-    return (f"error: lost the database {shown(storage)} for more than {dead_after} s ({type(cause).__name__}: "
-            f"{first}); every trial recorded before stays in the study: run the same command again to resume")
 
 
 def _finish(opt_study, objective_names, settings, cache_dir: Path, confirm: bool, report: bool) -> None:

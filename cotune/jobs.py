@@ -162,7 +162,7 @@ def worker_main() -> int:
 
     from cotune import display, runner
     from cotune import search as engine
-    from cotune.study import open_storage
+    from cotune.study import lost_database, open_storage
 
     settings = replace(request.settings, job=request.slot.to_dict())
     fork_server = runner.ForkServer(settings.runs_dir / f"fork-server-job{request.slot.index + 1}.log") \
@@ -185,9 +185,7 @@ def worker_main() -> int:
         print(f"error: {e}", flush=True)
         return 2
     except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:
-        from cotune.cli import _lost_database
-
-        print(_lost_database(request.storage_url, request.dead_after_s, e).removeprefix("error: "), flush=True)
+        print(lost_database(request.storage_url, request.dead_after_s, e), flush=True)
         return 1
     except Terminated:
         return 143

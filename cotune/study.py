@@ -97,6 +97,14 @@ def open_storage(url: str, *, dead_after_s: int | None = None) -> optuna.storage
 
 
 _CREATE_TRIES = 5
+
+
+def lost_database(url: str, waited_s: int, e: BaseException) -> str:
+    """Why a search stopped when its database stayed away longer than it waits (the trial in hand is not recorded)."""
+    cause = e.__cause__ or e
+    first = _without_password((str(cause).strip().splitlines() or [type(cause).__name__])[0][:200], url)
+    return (f"lost the database {shown(url)} for more than {waited_s} s ({type(cause).__name__}: {first}); every "
+            "trial recorded before stays in the study: run the same command again to resume")
 RECONNECT_S = 60  # without --dead-after: how long an open storage waits for its server to come back
 
 

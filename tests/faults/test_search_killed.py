@@ -112,9 +112,8 @@ def _held_by(postgres, database: str, table: str, folder: Path):
     return url, space, search, _lock(postgres, database, table)
 
 
-@needs_postgres
-def test_sigkill_after_the_search_asked_for_a_trial(postgres, folder):
-    url, space, search, lock = _held_by(postgres, "after_ask", "trial_params", folder)
+def _kill_held(search: subprocess.Popen, lock: psycopg.Connection, folder: Path) -> None:
+    """SIGKILL the search ``lock`` holds (see :func:`_kill`), then let go of the lock."""
     try:
         _kill(search, folder)
     finally:
@@ -122,6 +121,12 @@ def test_sigkill_after_the_search_asked_for_a_trial(postgres, folder):
         lock.close()
         search.kill()
         search.wait()
+
+
+@needs_postgres
+def test_sigkill_after_the_search_asked_for_a_trial(postgres, folder):
+    url, space, search, lock = _held_by(postgres, "after_ask", "trial_params", folder)
+    _kill_held(search, lock, folder)
     trials = load_trials(url)
     # Trial 0 ran and was recorded; trial 1 was asked, and its search was deriving its config (no value of it
     # written yet), so it was neither claimed against the budget nor started.
@@ -146,13 +151,7 @@ def test_sigkill_after_the_search_asked_for_a_trial(postgres, folder):
 @needs_postgres
 def test_sigkill_while_the_search_records_a_trial(postgres, folder):
     url, space, search, lock = _held_by(postgres, "recording", "trial_values", folder)
-    try:
-        _kill(search, folder)
-    finally:
-        lock.rollback()
-        lock.close()
-        search.kill()
-        search.wait()
+    _kill_held(search, lock, folder)
     trials = load_trials(url)
     # The trial ran whole and its result's attributes were stored; its values were being told.
     (held,) = [t for t in trials if t.state == TrialState.RUNNING]
