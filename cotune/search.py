@@ -299,7 +299,7 @@ def run_search(
             break
         with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize": cotune beats it itself
             warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
-            trial = study.ask()
+            trial = workers.ask(study)
         try:
             with workers.Heartbeat(study, trial):
                 result = _ask_run_record(study, trial, settings, run_fn, on_start)

@@ -12,14 +12,24 @@ exact:
   this host, as ``interrupted`` and queues its config once more (:func:`fail_stale_trials`).
 - **Leaving.** A worker leaves only when the budget is launched and none of it is still
   running (cotune.search.run_search), so a dead worker's retry is always picked up.
+
+Optuna hands a queued trial (the baseline, a retry) to one worker only by reading its state
+and changing it under ``SELECT ... FOR UPDATE``; SQLite ignores ``FOR UPDATE``, so two workers
+on one SQLite file could both take it. There, taking a queued trial and closing a dead
+worker's trial are done one worker at a time under a file lock beside the database
+(:func:`one_at_a_time`); PostgreSQL needs none.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
+import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import optuna
 from optuna.trial import TrialState
@@ -64,9 +74,38 @@ def _age_s(t: optuna.trial.FrozenTrial) -> float:
     return (datetime.datetime.now() - t.datetime_start).total_seconds() if t.datetime_start else 0.0
 
 
+def ask(study: optuna.Study) -> optuna.Trial:
+    """``study.ask()``, taking a queued trial only if no other worker takes it too (:func:`one_at_a_time`)."""
+    with one_at_a_time(study):
+        return study.ask()
+
+
+@contextlib.contextmanager
+def one_at_a_time(study: optuna.Study) -> Iterator[None]:
+    """Hold, on a SQLite study, an exclusive lock shared by every worker of that database file: a
+    ``<file>-lock`` file beside it (SQLite's own locks cannot be borrowed: closing any other handle on
+    the database drops them). Other storages lock rows themselves, and hold nothing here."""
+    url = getattr(getattr(study._storage, "_backend", study._storage), "engine", None)
+    url = getattr(url, "url", None)
+    if url is None or url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        yield
+        return
+    fd = os.open(f"{os.path.abspath(os.path.expanduser(url.database))}-lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _worker_died(study: optuna.Study, trial: optuna.trial.FrozenTrial, why: str) -> bool:
     """Close ``trial``, whose worker died, as interrupted, and queue its config once more if it was launched (a
     retry is not retried again). False if another worker closed it first."""
+    with one_at_a_time(study):
+        return _close_dead(study, trial, why)
+
+
+def _close_dead(study: optuna.Study, trial: optuna.trial.FrozenTrial, why: str) -> bool:
     storage = study._storage
     try:
         storage.set_trial_user_attr(trial._trial_id, "status", "interrupted")

@@ -433,3 +433,41 @@ def test_a_worker_that_stops_sending_heartbeats_anywhere_has_its_trial_closed_an
     assert progress.done == 3 and len(runs) == 3  # the retry and two more: the budget, exactly
     # Each trial this worker ran beat its heartbeat; none is left running.
     assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+
+
+def _take_and_close(url: str, start: float, dead_id: int, out) -> None:
+    """One worker at ``start``: ask twice, and close the dead worker's trial."""
+    study = optuna.load_study(study_name="q", storage=url)
+    while time.time() < start:
+        pass
+    closed = workers._worker_died(study, study._storage.get_trial(dead_id), "its search died")
+    out.put(([workers.ask(study).number for _ in range(2)], closed))
+
+
+@pytest.mark.multiprocess
+def test_workers_on_one_sqlite_file_take_each_queued_trial_and_close_each_dead_one_once(tmp_path):
+    # SQLite ignores the FOR UPDATE that Optuna's queue relies on: four workers asking at the same instant
+    # took the one queued baseline twice in half the rounds (two workers ran and recorded trial 0).
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    for round_ in range(6):
+        url = f"sqlite:///{tmp_path / f'q{round_}.db'}"
+        study = optuna.create_study(study_name="q", storage=url)
+        dead = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+        dead.set_user_attr("launched", True)
+        for x in (0.1, 0.2, 0.3):
+            study.enqueue_trial({"x": x})
+        out, start = ctx.Queue(), time.time() + 1.5
+        procs = [ctx.Process(target=_take_and_close, args=(url, start, dead._trial_id, out)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        got = [out.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join()
+        taken = [n for numbers, _ in got for n in numbers]
+        assert len(taken) == len(set(taken)) == 8, got  # no trial handed to two workers
+        assert sum(closed for _, closed in got) == 1  # the dead trial closed by one worker, its retry queued once
+        trials = study.get_trials(deepcopy=False)
+        assert [t.user_attrs.get("retry_of") for t in trials].count(0) == 1
+        assert {t.number for t in trials if t.params.get("x") in (0.1, 0.2, 0.3)} <= set(taken)
