@@ -80,6 +80,7 @@ def test_two_jobs_run_trials_at_once_on_their_own_cores_to_the_exact_budget(spac
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'cotune.db'}")
     trials = study.get_trials(deepcopy=False)
     assert workers.launched(trials) == 6 and len(trials) == 6  # none lost, none run twice
+    assert sum(bool(t.user_attrs.get("baseline")) for t in trials) == 1  # the queued baseline went to one job
     slots = {t.user_attrs["job"]["index"]: t.user_attrs["job"]["cpus"] for t in trials}
     assert set(slots) == {0, 1} and set(slots[0]).isdisjoint(slots[1])
     for t in trials:
