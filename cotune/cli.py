@@ -177,11 +177,7 @@ def search(
             f"study {name!r} already holds {progress.done} launched trials, the budget of {budget} is spent; "
             f"raise --budget to add more (e.g. --budget {progress.done + 10})"
         )
-        _print_pareto(opt_study, objective_names)
-        if confirm:
-            _confirm(opt_study, None, settings.runs_dir, cache_dir)
-        if report:
-            _write_report(opt_study, None)
+        _finish(opt_study, objective_names, settings, cache_dir, confirm, report, warm_start)
         return
     console.print(
         f"study [bold]{name}[/] in {shown(storage)}: {progress.done} launched trials so far, running {budget - progress.done} more "
@@ -193,7 +189,7 @@ def search(
         requests = [jobs_mod.WorkerRequest(settings, storage, name, dead_after, warm_start, cache_dir, slot)
                     for slot in slots]
         _run_jobs(opt_study, settings, requests)
-        _finish(opt_study, objective_names, settings, cache_dir, confirm, report)
+        _finish(opt_study, objective_names, settings, cache_dir, confirm, report, warm_start)
         return
     fork_server = runner.ForkServer(settings.runs_dir / "fork-server.log") if warm_start else None
     run_fn = runner.search_launcher(settings.runs_dir, cache_dir=cache_dir, trace=profile, fork_server=fork_server)
@@ -217,7 +213,7 @@ def search(
         signal.signal(signal.SIGTERM, previous)
         if fork_server is not None:
             fork_server.close()
-    _finish(opt_study, objective_names, settings, cache_dir, confirm, report)
+    _finish(opt_study, objective_names, settings, cache_dir, confirm, report, warm_start)
 
 
 def _storage_errors() -> tuple[type[BaseException], ...]:  # imported late: optuna and sqlalchemy are slow
@@ -227,10 +223,11 @@ def _storage_errors() -> tuple[type[BaseException], ...]:  # imported late: optu
     return (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError)
 
 
-def _finish(opt_study, objective_names, settings, cache_dir: Path, confirm: bool, report: bool) -> None:
+def _finish(opt_study, objective_names, settings, cache_dir: Path, confirm: bool, report: bool,
+            warm_start: bool) -> None:
     _print_pareto(opt_study, objective_names)
     if confirm:
-        _confirm(opt_study, None, settings.runs_dir, cache_dir)
+        _confirm(opt_study, None, settings.runs_dir, cache_dir, warm_start)
     if report:
         _write_report(opt_study, None)
 
@@ -471,6 +468,9 @@ def confirm_cmd(
                                   "(<runs-dir>/<study>/confirm-<trial>-seed<seed>)."),
     report: bool = typer.Option(False, "--report", help="Write the HTML report (reports/<study>.html) afterwards."),
     allow_mixed_hardware: bool = typer.Option(False, help="Rerun on a machine other than the study's."),
+    warm_start: bool = typer.Option(True, "--warm-start/--no-warm-start",
+                                    help="Fork reruns from a server that imported torch once, as the search forks its "
+                                    "trials (default), rather than start each in a fresh interpreter."),
 ) -> None:
     """Rerun the Pareto configs and the baseline with other seeds: mean and spread of each objective.
 
@@ -491,13 +491,14 @@ def confirm_cmd(
                         "ran, or pass --allow-mixed-hardware")
     from cotune.data import default_cache_dir
 
-    _confirm(opt_study, repeats, runs_dir / opt_study.study_name, default_cache_dir())
+    _confirm(opt_study, repeats, runs_dir / opt_study.study_name, default_cache_dir(), warm_start)
     if report:
         _write_report(opt_study, None)
 
 
-def _confirm(opt_study, repeats: int | None, runs_dir: Path, cache_dir: Path) -> None:
-    """Rerun the baseline and the Pareto configs (cotune.confirm), one line per rerun, then their means."""
+def _confirm(opt_study, repeats: int | None, runs_dir: Path, cache_dir: Path, warm_start: bool) -> None:
+    """Rerun the baseline and the Pareto configs (cotune.confirm), one line per rerun, then their means; with
+    ``warm_start`` each rerun is forked from a fork server (``<runs_dir>/fork-server.log``), as search trials are."""
     from cotune import confirm as confirming
     from cotune import runner
 
@@ -518,8 +519,8 @@ def _confirm(opt_study, repeats: int | None, runs_dir: Path, cache_dir: Path) ->
                       f"original + {confirming.SEED_STRIDE}·k; folders in {_short(runs_dir.resolve())}")
         _prepare_data(found[0].config.workload, cache_dir)
 
-    def run_fn(config, folder):
-        return runner.launch_trial(config, folder, cache_dir=cache_dir, kernel_cache=runs_dir / "kernel-timings.json")
+    fork_server = runner.ForkServer(runs_dir / "fork-server.log") if warm_start and todo else None
+    run_fn = runner.search_launcher(runs_dir, cache_dir=cache_dir, trace=False, fork_server=fork_server)
 
     def on_done(r, run) -> None:
         head = f"confirm [{r.index}/{r.total}] trial {r.target.number:>3} seed {r.seed:<6}"
@@ -536,6 +537,9 @@ def _confirm(opt_study, repeats: int | None, runs_dir: Path, cache_dir: Path) ->
         err_console.print("interrupted: the running rerun was killed; finished reruns are kept, run "
                           "`cotune confirm` again to add the missing ones")
         raise typer.Exit(130) from None
+    finally:
+        if fork_server is not None:
+            fork_server.close()
     _print_confirmed(opt_study, found)
 
 

@@ -209,6 +209,9 @@ def test_confirm_a_real_study(real_search, tmp_path):
     trials = {t.number: t for t in study.get_trials()}
     first = run_cli("confirm", "--repeats", "2", cwd=tmp_path)
     assert first.returncode == 0, first.stdout + first.stderr
+    # Forked from a fork server, as the search's trials are (a server that failed would say so on stderr).
+    assert (tmp_path / "cotune-runs" / "cpu-tiny-gpt" / "fork-server.log").exists()
+    assert "fork server" not in first.stderr, first.stderr
     held = confirm.confirmations(optuna.load_study(study_name="cpu-tiny-gpt", storage=storage))
     assert 0 in held and trials[0].user_attrs["baseline"]  # the baseline, trial 0, is confirmed
     assert set(held) == {0, *(t.number for t in distinct_configs(pareto_trials(study)))}
