@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -23,6 +24,9 @@ from cotune.errors import UserError
 from cotune.forkserver import alive, die_with_parent
 
 ERROR_TAIL_LINES = 30
+# What a collective raises on a rank whose peer died (gloo; NCCL), and how long such a rank waits before exiting.
+LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "remote process exited")
+LOST_PEER_GRACE_S = 1.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         where = f" on rank {rank}" if "WORLD_SIZE" in os.environ else ""
         TrialResult("crash", reason=f"{type(e).__name__}{where}: {first}",
                     error_tail="\n".join(lines[-ERROR_TAIL_LINES:])).save(rank_path)
+        if where and any(s in str(e) for s in LOST_PEER):
+            # Another rank died first (SIGKILL by the out-of-memory killer, a segfault) and this one lost its
+            # connection: exit after torchrun has seen that rank's death (it looks every 0.1 s and names only
+            # the first rank it finds dead), so the trial is recorded as the dead rank's failure, not this.
+            time.sleep(LOST_PEER_GRACE_S)
         return 1
     from cotune.trial.distributed import reports
 

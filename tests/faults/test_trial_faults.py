@@ -51,6 +51,11 @@ FAULTS = {
     "oom_killed": Fault(2, "oom", re.escape(OOM_KILLED)),
     # The same with torchrun started fresh, not forked from the fork server.
     "oom_killed_fresh_start": Fault(2, "oom", re.escape(OOM_KILLED), flags=("--no-warm-start",), fault="oom_killed"),
+    # Rank 1 killed while rank 0 waits for it in a collective: rank 0 fails too, on the lost connection, and the
+    # trial is still rank 1's (torchrun names one dead rank; rank 0 waits to exit until it has seen rank 1's death).
+    "oom_killed_in_collective": Fault(2, "oom", re.escape(OOM_KILLED)),
+    "oom_killed_in_collective_fresh_start": Fault(2, "oom", re.escape(OOM_KILLED), flags=("--no-warm-start",),
+                                                  fault="oom_killed_in_collective"),
     "nan": Fault(1, "diverged", r"training loss became nan at step \d+ of \d+ \(learning rate [0-9.e-]+\)"),
     "exit0": Fault(1, "crash", re.escape("exited without writing a result")),
     "error": Fault(1, "crash", re.escape(f"RuntimeError: {GLOO_ERROR}"), tail="in error"),
