@@ -20,6 +20,8 @@ PP_SCHEDULES = ("gpipe", "1f1b", "interleaved1f1b")
 KERNEL_IMPLS = ("torch", "triton")
 KERNELS = ("mlp", "cross_entropy", "layernorm")  # the ops cotune has Triton kernels for
 STATUSES = ("ok", "infeasible", "oom", "timeout", "crash", "diverged", "pruned")
+# What a collective raises on a rank whose peer died (gloo; NCCL): such a rank's failure is its peer's.
+LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "remote process exited")
 TRAINING_OBJECTIVES = ("causal_lm", "masked_lm")  # what a workload trains on (not the search's objectives)
 
 

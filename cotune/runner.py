@@ -31,7 +31,7 @@ from typing import Any
 
 import psutil
 
-from cotune.config import TrialConfig, TrialResult
+from cotune.config import LOST_PEER, TrialConfig, TrialResult
 from cotune.forkserver import ForkedTrial, ForkServer, die_with_parent
 from cotune.nodes import Rendezvous
 
@@ -366,7 +366,8 @@ def _rank_results(result_path: Path) -> list[Path]:
 
 def _first_failure(paths: list[Path]) -> tuple[TrialResult | None, str | None]:
     """The rank result that says why the trial failed: a classified failure (out of memory on one
-    rank) before a crash, then the first written (the ranks that failed later lost a peer)."""
+    rank) before a crash, a crash before a lost peer (a rank whose peer died: the peer's result,
+    written for it by cotune.torchrun if a signal killed it, says why), then the first written."""
     found = []
     for path in paths:
         result, error = _load_result(path)
@@ -375,7 +376,8 @@ def _first_failure(paths: list[Path]) -> tuple[TrialResult | None, str | None]:
         except OSError:
             written = 2**63
         crashed = result is None or result.status == "crash"
-        found.append(((crashed, written, path.name), result, error))
+        lost_peer = result is not None and crashed and any(s in result.reason for s in LOST_PEER)
+        found.append(((crashed, lost_peer, written, path.name), result, error))
     if not found:
         return None, None
     _, result, error = min(found, key=lambda item: item[0])

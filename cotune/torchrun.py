@@ -1,8 +1,8 @@
-"""``python -m cotune.torchrun OPTIONS -m cotune.trial ARGS``: torchrun, and a result for each rank SIGKILL ended.
+"""``python -m cotune.torchrun OPTIONS -m cotune.trial ARGS``: torchrun, and a result for each rank a signal ended.
 
-torchrun's own argument parser and ``run``, with one addition: a rank that SIGKILL ended (the Linux
-out-of-memory killer's signal) never wrote its result, so this writes one for it, ``oom``, as the
-runner says of a one-process trial so killed. Without it the trial would read as torchrun's exit
+torchrun's own argument parser and ``run``, with one addition: a rank that a signal ended never
+wrote its result, so this writes one for it, as the runner says of a one-process trial so killed:
+``oom`` for SIGKILL (the Linux out-of-memory killer's signal), ``crash`` for another (a segfault). Without it the trial would read as torchrun's exit
 code, or as the crash of a rank that lost its peer. The fork server does the same for the torchrun it
 runs with forked ranks (cotune.forkserver._torchrun).
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 def say_for_killed_ranks(exit_codes: dict[int, int], args: list[str]) -> None:
-    """Write the result of each rank that SIGKILL ended before it could write its own (``RESULT.rankN.json``,
+    """Write the result of each rank that a signal ended before it could write its own (``RESULT.rankN.json``,
     beside the ``--result`` in the trial's ``args``)."""
     from cotune.config import TrialResult
 
@@ -25,10 +25,19 @@ def say_for_killed_ranks(exit_codes: dict[int, int], args: list[str]) -> None:
     result = Path(args[args.index("--result") + 1])
     for rank, code in exit_codes.items():
         path = result.with_name(f"{result.stem}.rank{rank}.json")  # as cotune.trial.__main__ names it
-        if code == -signal.SIGKILL and not path.exists():
-            with contextlib.suppress(OSError):
-                TrialResult("oom", reason=f"rank {rank} was killed by SIGKILL without writing a result, most likely "
-                                          "by the Linux out-of-memory killer").save(path)
+        if code is None or code >= 0 or path.exists():
+            continue
+        if code == -signal.SIGKILL:
+            said = TrialResult("oom", reason=f"rank {rank} was killed by SIGKILL without writing a result, most "
+                                             "likely by the Linux out-of-memory killer")
+        else:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = str(-code)
+            said = TrialResult("crash", reason=f"rank {rank} was killed by signal {name}")
+        with contextlib.suppress(OSError):
+            said.save(path)
 
 
 def main(argv: list[str] | None = None) -> int:

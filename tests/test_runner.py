@@ -467,3 +467,33 @@ def test_nan_in_saved_result_round_trips_as_non_finite(tmp_path: Path) -> None:
     # The encoding classify relies on: NaN is saved as "nan" and float() reads it back.
     TrialResult(status="ok", metrics={"val_loss": float("nan")}).save(tmp_path / "r.json")
     assert math.isnan(float(TrialResult.load(tmp_path / "r.json").metrics["val_loss"]))
+
+
+def test_the_rank_that_died_speaks_for_the_trial_not_the_peer_that_lost_it(tmp_path):
+    from cotune.torchrun import say_for_killed_ranks
+
+    result = tmp_path / "result.json"
+    args = ["config.json", "--result", str(result)]
+    # Rank 0 lost its peer and wrote its crash first; torchrun then names rank 1, ended by a signal.
+    lost = TrialResult("crash", reason="RuntimeError on rank 0: [/gloo/pair.cc:553] Connection closed by peer [::1]:1")
+    lost.save(tmp_path / "result.rank0.json")
+    os.utime(tmp_path / "result.rank0.json", ns=(1, 1))  # written well before
+    say_for_killed_ranks({0: 1, 1: -signal.SIGSEGV}, args)
+    assert TrialResult.load(tmp_path / "result.rank1.json").reason == "rank 1 was killed by signal SIGSEGV"
+    picked, _ = runner._first_failure(runner._rank_results(result))
+    assert picked.reason == "rank 1 was killed by signal SIGSEGV"
+    # SIGKILL is the out-of-memory killer's: oom, which goes before any crash.
+    (tmp_path / "result.rank1.json").unlink()
+    say_for_killed_ranks({1: -signal.SIGKILL, 2: -signal.SIGTERM}, args)
+    picked, _ = runner._first_failure(runner._rank_results(result))
+    assert picked.status == "oom" and picked.reason.startswith("rank 1 was killed by SIGKILL")
+    # A rank that wrote its own result keeps it; a rank that exited with a code gets none.
+    say_for_killed_ranks({0: -signal.SIGKILL, 3: 1}, args)
+    assert TrialResult.load(tmp_path / "result.rank0.json").reason == lost.reason
+    assert not (tmp_path / "result.rank3.json").exists()
+    # Without a lost peer, the first crash written is the cause.
+    TrialResult("crash", reason="ValueError on rank 4: bad shape").save(tmp_path / "result.rank4.json")
+    os.utime(tmp_path / "result.rank4.json", ns=(2, 2))
+    (tmp_path / "result.rank1.json").unlink()
+    picked, _ = runner._first_failure(runner._rank_results(result))
+    assert picked.reason == "ValueError on rank 4: bad shape"

@@ -24,9 +24,7 @@ from cotune.errors import UserError
 from cotune.forkserver import alive, die_with_parent
 
 ERROR_TAIL_LINES = 30
-# What a collective raises on a rank whose peer died (gloo; NCCL), and how long such a rank waits before exiting.
-LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "remote process exited")
-LOST_PEER_GRACE_S = 1.0
+LOST_PEER_GRACE_S = 1.0  # how long a rank whose peer died waits before it exits (see below)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         print("cotune trial: the search that started this trial is gone; exiting", file=sys.stderr)
         return 1
 
-    from cotune.config import TrialConfig, TrialResult
+    from cotune.config import LOST_PEER, TrialConfig, TrialResult
     from cotune.data import default_cache_dir
 
     # Under torchrun every rank runs this; rank 0 speaks for the trial with result.json. A rank

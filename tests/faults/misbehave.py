@@ -7,6 +7,8 @@ one trial, does what the test named in ``COTUNE_FAULT`` (the search passes its e
 trials):
 
 - ``segfault``: a real segmentation fault (reads address 0 through ctypes);
+- ``segfault_in_collective``: the same on rank 1 while rank 0 waits for it in the gradient all-reduce (rank 0
+  then fails too, on the lost connection);
 - ``hang``: rank 1 blocks in a receive from rank 0 that never comes, while rank 0 waits for it in the
   gradient all-reduce: the whole trial hangs inside torch.distributed until cotune's timeout;
 - ``oom``: rank 1 asks the allocator for a petabyte (torch raises its CPU allocator's error);
@@ -52,9 +54,10 @@ from cotune.trial.workloads import Workload, build_gpt
 FAULT_ENV = "COTUNE_FAULT"
 MARKER_ENV = "COTUNE_FAULT_MARKER"
 TRIAL_ENV = "COTUNE_FAULT_TRIAL"
-FAULTS = ("segfault", "hang", "oom", "oom_killed", "oom_killed_in_collective", "nan", "exit0", "corrupt",
-          "disk_full", "error", "stall", "gate")
-ON_RANK_1 = ("hang", "oom", "oom_killed", "oom_killed_in_collective")  # faults of one rank of a two-process trial
+FAULTS = ("segfault", "segfault_in_collective", "hang", "oom", "oom_killed", "oom_killed_in_collective", "nan",
+          "exit0", "corrupt", "disk_full", "error", "stall", "gate")
+# Faults of one rank of a two-process trial.
+ON_RANK_1 = ("segfault_in_collective", "hang", "oom", "oom_killed", "oom_killed_in_collective")
 RANK_0_BUSY_S = 2.0  # twenty times torchrun's monitor interval: it sees rank 1's death before rank 0 notices
 # What gloo says on the rank whose peer died, which looks like console markup (a closing tag).
 GLOO_ERROR = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
@@ -101,6 +104,10 @@ class _Fault:
 
     def segfault(self, output: torch.Tensor) -> None:
         ctypes.string_at(0)  # SIGSEGV: the process dies here (faulthandler prints where, to the log)
+
+    def segfault_in_collective(self, output: torch.Tensor) -> None:
+        time.sleep(0.5)  # rank 0 waits in the gradient all-reduce by now
+        ctypes.string_at(0)
 
     def hang(self, output: torch.Tensor) -> None:
         # Rank 0 goes on to the backward pass and waits in the gradient all-reduce for this rank, which waits

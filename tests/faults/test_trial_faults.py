@@ -46,6 +46,9 @@ class Fault:
 
 FAULTS = {
     "segfault": Fault(1, "crash", re.escape("killed by signal SIGSEGV"), tail="in segfault"),
+    # One rank's segfault while its peer waits on it: the trial is that rank's, not its peer's lost connection.
+    "segfault_on_one_rank": Fault(2, "crash", re.escape("rank 1 was killed by signal SIGSEGV"),
+                                  fault="segfault_in_collective"),
     "hang": Fault(2, "timeout", re.escape(f"ran past its {HANG_TIMEOUT_S} s timeout")),
     "oom": Fault(2, "oom", re.escape("out of memory: RuntimeError on rank 1"), tail="can't allocate memory"),
     "oom_killed": Fault(2, "oom", re.escape(OOM_KILLED)),
